@@ -1,0 +1,113 @@
+"""Shared fixtures: real parts, started when absent, stopped when the suite started them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.harness.parts import IN_CI, unavailable
+
+# Excluded from CI by marker: hardware or kernel support that no machine here has.
+HARDWARE_MARKERS = {
+    "gpu": "an NVIDIA GPU with NVML",
+    "nfs": "an NFS client in the kernel",
+    "xfs_quota": "XFS project quotas for docker's storage_opt size",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("BERTH_TEST_HARDWARE") == "1":
+        return
+    for item in items:
+        for marker, needs in HARDWARE_MARKERS.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"needs {needs}; run with BERTH_TEST_HARDWARE=1 where it exists"))
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory for the parts' data and logs, kept for the session."""
+    return tmp_path_factory.mktemp("parts")
+
+
+@pytest.fixture(scope="session")
+def docker_client(workdir: Path) -> Iterator["docker.DockerClient"]:
+    from tests.harness.engine import Engine
+
+    engine = Engine()
+    try:
+        client = engine.start(workdir / "dockerd.log")
+    except Exception as exc:  # noqa: BLE001 - any failure means the part is missing
+        unavailable("a Docker engine", str(exc))
+    yield client
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(workdir: Path, docker_client) -> Iterator[str]:
+    """The address of a real registry on 127.0.0.1:5000."""
+    from tests.harness.registry import Registry
+
+    part = Registry(workdir / "registry")
+    try:
+        address = part.start()
+    except Exception as exc:  # noqa: BLE001
+        unavailable("a registry on 127.0.0.1:5000", str(exc))
+    yield address
+    part.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(workdir: Path):
+    """A real S3 endpoint (moto's server) on 127.0.0.1; `.new_bucket()` gives a fresh bucket."""
+    from tests.harness.s3 import start_moto, stop_moto
+
+    try:
+        server = start_moto(workdir / "moto.log")
+    except Exception as exc:  # noqa: BLE001
+        unavailable("an S3 server (moto)", str(exc))
+    yield server
+    stop_moto(server)
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client) -> str:
+    """Debian 12 minbase + Python 3.11 + pip, built with debootstrap and cached in the engine."""
+    from tests.harness.images import base_image as build
+
+    try:
+        return build(docker_client)
+    except Exception as exc:  # noqa: BLE001
+        unavailable("the test base image", str(exc))
+
+
+@pytest.fixture(scope="session")
+def python_inference_image(docker_client, base_image: str) -> str:
+    """images/python-inference built on the test base: berth installed, `berth boot` entrypoint."""
+    from tests.harness.images import python_inference_image as build
+
+    return build(docker_client)
+
+
+@pytest.fixture
+def fault_proxy():
+    """Factory: `fault_proxy(host, port)` gives a FaultProxy in front of that server."""
+    from tests.harness.faultproxy import FaultProxy
+
+    proxies: list[FaultProxy] = []
+
+    def make(host: str, port: int) -> FaultProxy:
+        proxy = FaultProxy(host, port)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"berth: CI={'true' if IN_CI else 'false'}; hardware markers {', '.join(HARDWARE_MARKERS)} are skipped unless BERTH_TEST_HARDWARE=1"
