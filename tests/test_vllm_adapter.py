@@ -167,6 +167,7 @@ def test_preflight_fails_the_boot_with_the_drivers_message(tmp_path: Path):
 
 def test_preflight_tries_every_visible_device(tmp_path: Path):
     env = _fake_torch(tmp_path, "def is_available(): return True\ndef device_count(): return 2\n")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the double is rewritten below within the same second
     (tmp_path / "torch" / "__init__.py").write_text(
         "from torch import cuda\n"
         "class Tensor:\n"
@@ -177,7 +178,11 @@ def test_preflight_tries_every_visible_device(tmp_path: Path):
     )
     with pytest.raises(vllm.PreflightFailed, match="uncorrectable ECC error"):
         vllm.gpu_preflight(env)
-    (tmp_path / "torch" / "cuda.py").write_text("def is_available(): return True\ndef device_count(): return 1\n")
+    env["CUDA_VISIBLE_DEVICES"] = "0"
+    (tmp_path / "torch" / "cuda.py").write_text(
+        "import os\ndef is_available(): return True\n"
+        "def device_count(): return len(os.environ['CUDA_VISIBLE_DEVICES'].split(','))\n"
+    )
     vllm.gpu_preflight(env)  # cuda:0 alone is healthy
 
 
