@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from bootstrap.spec import ServiceSpec, Storage
+from bootstrap import cache as node_cache
+from bootstrap import fuse, objectstore
+from bootstrap.download import DownloadError, TransferSettings, fetch_all
+from bootstrap.progress import Progress
+from bootstrap.spec import ObjectStore, ServiceSpec, Storage
+from bootstrap.units import format_bytes, parse_quantity
 
 log = logging.getLogger("berth.prepare")
 
@@ -34,6 +39,11 @@ class PrepareContext:
     cache_dir: Path = DEFAULT_CACHE_DIR
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     report: Callable[[str, float], None] = lambda step, seconds: None
+    # Download tuning; None reads BERTH_DOWNLOAD_* from env (see download.TransferSettings).
+    transfer: TransferSettings | None = None
+    # The Python that pip installs into: the image's own.
+    python: str = sys.executable
+    progress_interval: float = 5.0
 
 
 async def prepare(ctx: PrepareContext) -> None:
@@ -56,6 +66,17 @@ async def _timed(ctx: PrepareContext, step: str, work) -> None:
 
 async def _mount(ctx: PrepareContext, entry: Storage) -> None:
     target = Path(entry.mount_path)
+    store = entry.object_store
+    if store is not None:
+        try:
+            location = objectstore.resolve(store, ctx.env)
+        except objectstore.ObjectStoreError as exc:
+            raise PrepareError(f"storage {entry.mount_path}: {exc}") from None
+        if store.effective_mode == "fuse":
+            await _fuse_mount(entry, location, store)
+        else:
+            await _cache_mount(ctx, entry, location)
+        return
     if entry.local is not None or entry.nfs is not None:
         # The agent bind-mounts these host paths; here we only check they arrived.
         if not target.is_dir():
@@ -64,14 +85,124 @@ async def _mount(ctx: PrepareContext, entry: Storage) -> None:
             raise PrepareError(f"storage {entry.mount_path}: not readable by uid {os.getuid()}")
         return
     if entry.empty_dir is not None:
-        target.mkdir(parents=True, exist_ok=True)
+        await _empty_dir(entry)
         return
     raise PrepareError(f"storage {entry.mount_path}: {entry.kind} storage is not supported by this berth yet")
 
 
+async def _fuse_mount(entry: Storage, location: objectstore.Location, store: ObjectStore) -> None:
+    try:
+        await asyncio.to_thread(fuse.mount, location, Path(entry.mount_path), read_only=store.read_only)
+    except fuse.FuseUnavailable as exc:
+        raise PrepareError(f"storage {entry.mount_path}: {exc}") from None
+
+
+async def _cache_mount(ctx: PrepareContext, entry: Storage, location: objectstore.Location) -> None:
+    """Materialize the prefix in the node cache, then point mount_path at it (no second copy)."""
+    settings = ctx.transfer or _settings_from_env(ctx.env)
+    shared = [p.strip() for p in ctx.env.get("BERTH_CACHE_SHARED_PREFIXES", "").split(",") if p.strip()]
+    cache = node_cache.NodeCache(ctx.cache_dir, node_cache.namespace_for(ctx.spec.name, location.url, shared))
+    where = f"storage {entry.mount_path}"
+    try:
+        async with objectstore.client(location, max_connections=settings.concurrency) as s3:
+            objects = await objectstore.list_objects(s3, location, attempts=settings.attempts, backoff=settings.backoff)
+            if not objects:
+                raise PrepareError(f"{where}: {location.url} holds no objects; check the bucket and prefix")
+            entries = node_cache.tree_entries(location, objects)
+            tree_key = cache.tree_key(location, entries)
+            cache.lease(tree_key)  # before looking: eviction elsewhere cannot take it from here on
+            tree = cache.find_tree(tree_key)
+            if tree is not None:
+                log.info("%s: %s is cached (%d files, %s); nothing to download", where, location.url,
+                         len(entries), format_bytes(sum(e.obj.size for e in entries)))
+            else:
+                tree = await _fill(ctx, cache, s3, location, entries, tree_key, settings)
+    except objectstore.ObjectStoreError as exc:
+        raise PrepareError(f"{where}: {exc}") from None
+    except DownloadError as exc:
+        raise PrepareError(f"{where}: download failed: {exc}") from None
+    _point(Path(entry.mount_path), tree)
+
+
+async def _fill(ctx: PrepareContext, cache: node_cache.NodeCache, s3, location: objectstore.Location,
+                entries: list[node_cache.TreeEntry], tree_key: str, settings: TransferSettings) -> Path:
+    missing = [e for e in entries if not cache.has_blob(cache.blob_key(location, e.obj), e.obj.size)]
+    incoming = sum(e.obj.size for e in missing)
+    budget = ctx.env.get("BERTH_CACHE_MAX_SIZE")
+    if budget:
+        cache.evict(parse_quantity(budget), incoming)
+    log.info("%s: %d of %d files to download (%s), %d parts in flight at most, %s parts",
+             location.url, len(missing), len(entries), format_bytes(incoming), settings.concurrency,
+             format_bytes(settings.part_size))
+    async with cache.filling():
+        progress = Progress(f"download {location.url}", incoming, len(missing), interval=ctx.progress_interval)
+        async with progress:
+            fetched = await fetch_all(s3, location, [e.obj for e in missing], cache, settings, progress)
+        if any(new.etag != e.obj.etag for new, e in zip(fetched, missing)):
+            # An object changed during the download: the tree is the listing actually fetched.
+            replaced = {new.key: new for new in fetched}
+            entries = [node_cache.TreeEntry(e.path, replaced.get(e.obj.key, e.obj)) for e in entries]
+            tree_key = cache.tree_key(location, entries)
+            cache.lease(tree_key)
+        return cache.build_tree(tree_key, location, entries)
+
+
+def _settings_from_env(env: Mapping[str, str]) -> TransferSettings:
+    try:
+        return TransferSettings.from_env(env)
+    except ValueError as exc:
+        raise PrepareError(str(exc)) from None
+
+
+def _point(mount_path: Path, tree: Path) -> None:
+    """Make mount_path a symlink to the read-only tree, replacing an empty directory or old link."""
+    mount_path.parent.mkdir(parents=True, exist_ok=True)
+    if mount_path.is_dir() and not mount_path.is_symlink():
+        if any(mount_path.iterdir()):
+            raise PrepareError(f"storage {mount_path}: the directory is not empty; choose another mount_path")
+        try:
+            mount_path.rmdir()
+        except OSError as exc:  # a mount point (a volume): bind the tree over it instead
+            _bind(tree, mount_path, exc)
+            return
+    staging = mount_path.with_name(f".{mount_path.name}.berth-link")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(tree, target_is_directory=True)
+    os.replace(staging, mount_path)
+
+
+def _bind(tree: Path, mount_path: Path, why: OSError) -> None:
+    import subprocess
+
+    result = subprocess.run(["mount", "--bind", "-o", "ro", str(tree), str(mount_path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PrepareError(
+            f"storage {mount_path}: cannot replace it with a link to the cache ({why.strerror}) "
+            f"nor bind-mount over it ({result.stderr.strip() or 'mount failed'}); do not declare it as a volume"
+        )
+
+
+async def _empty_dir(entry: Storage) -> None:
+    target = Path(entry.mount_path)
+    target.mkdir(parents=True, exist_ok=True)
+    spec = entry.empty_dir
+    if not spec.in_memory or os.path.ismount(target):
+        return
+    options = "mode=1777" + (f",size={parse_quantity(spec.size_limit)}" if spec.size_limit is not None else "")
+    process = await asyncio.create_subprocess_exec(
+        "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await process.communicate()
+    if process.returncode != 0:
+        # Without CAP_SYS_ADMIN the directory stays on disk: slower, but the app still runs.
+        log.warning("storage %s: medium memory needs CAP_SYS_ADMIN for a tmpfs (%s); using a plain directory",
+                    entry.mount_path, err.decode(errors="replace").strip())
+
+
 async def _pip_install(ctx: PrepareContext) -> None:
     prepare_spec = ctx.spec.container.prepare
-    args = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+    args = [ctx.python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
     args += ["--cache-dir", str(ctx.cache_dir / "pip")]
     if prepare_spec.python_requirements_path:
         path = Path(prepare_spec.python_requirements_path)
