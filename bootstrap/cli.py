@@ -16,12 +16,13 @@ from bootstrap.errors import EXIT_FAILED, EXIT_USAGE, CommandFailed, UsageError
 from bootstrap.spec import SpecError
 
 # Modules that contribute subcommands, in the order `berth --help` lists them.
-COMMAND_MODULES = ("bootstrap.spec_cli",)
+COMMAND_MODULES = ("bootstrap.spec_cli", "bootstrap.boot_cli")
 
 DESCRIPTION = """\
 berth: serve models on a GPU node.
 
   berth spec check FILE   validate an EAS-style service config
+  berth boot -- CMD ARGS  container entrypoint: prepare, launch, warm up, proxy, drain
 
 Exit codes: 0 done, 1 the operation failed, 2 bad usage or invalid input.
 """

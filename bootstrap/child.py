@@ -1,0 +1,215 @@
+"""The child process and the bootstrap's PID 1 duties (what tini does, inside the event loop).
+
+The child runs in its own process group, so a stop reaches every process it spawned. Its
+stdout and stderr pass through unchanged while the last lines are kept for the error shown
+when it dies. Its exit is noticed through a pidfd (no SIGCHLD handler, which would fight the
+event loop's own child handling); orphans re-parented to us are reaped by a periodic sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Mapping, Sequence
+
+import psutil
+
+log = logging.getLogger("berth.boot")
+
+PR_SET_CHILD_SUBREAPER = 36
+TAIL_LINES = 20
+# A zombie that stays this long belongs to nobody else: the event loop reaps the processes it
+# spawned (pip, exec probes) at once.
+ORPHAN_GRACE_S = 1.0
+
+
+def become_subreaper() -> bool:
+    """As PID 1 we adopt orphans anyway; otherwise ask Linux to re-parent them to us."""
+    if os.getpid() == 1:
+        return True
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class OutputTail:
+    """The last lines of the child's output, for the error message when it dies."""
+
+    def __init__(self, lines: int = TAIL_LINES) -> None:
+        self._lines: collections.deque[bytes] = collections.deque(maxlen=lines)
+        self._partial = b""
+        self._lock = threading.Lock()
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            *complete, self._partial = (self._partial + data).split(b"\n")
+            self._lines.extend(complete)
+            self._partial = self._partial[-4096:]
+
+    def text(self) -> str:
+        with self._lock:
+            lines = list(self._lines) + ([self._partial] if self._partial else [])
+        return "\n".join(line.decode(errors="replace") for line in lines)
+
+
+class Child:
+    """The service's process: started in its own session, watched, signalled, stopped."""
+
+    def __init__(self, process: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.tail = OutputTail()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.signalled_by_us: set[int] = set()
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(process.stdout, sys.stdout.fileno()), daemon=True),
+            threading.Thread(target=self._pump, args=(process.stderr, sys.stderr.fileno()), daemon=True),
+        ]
+        for pump in self._pumps:
+            pump.start()
+        self._watch(loop)
+
+    @classmethod
+    def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> "Child":
+        process = subprocess.Popen(
+            list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: a stop reaches its workers too
+        )
+        log.info("launched pid %d: %s", process.pid, " ".join(argv))
+        return cls(process, asyncio.get_running_loop())
+
+    @property
+    def returncode(self) -> int | None:
+        return self.exited.result() if self.exited.done() else None
+
+    def _pump(self, pipe, out_fd: int) -> None:
+        # Pass the output through byte for byte; keep the tail for the error message.
+        for data in iter(lambda: os.read(pipe.fileno(), 65536), b""):
+            self.tail.feed(data)
+            try:
+                os.write(out_fd, data)
+            except OSError:
+                pass
+        pipe.close()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # kernels before 5.3: poll instead
+            loop.create_task(self._poll())
+            return
+
+        def readable() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            self._collect()
+
+        loop.add_reader(pidfd, readable)
+
+    async def _poll(self) -> None:
+        while not self._collect():
+            await asyncio.sleep(0.05)
+
+    def _collect(self) -> bool:
+        returncode = self.process.poll()
+        if returncode is None or self.exited.done():
+            return returncode is not None
+        self.exited.set_result(returncode)
+        log.info("child pid %d %s", self.pid, describe_exit(returncode))
+        return True
+
+    def send(self, sig: int) -> None:
+        """Forward a signal to the child itself (SIGHUP, SIGUSR1 ... as tini does)."""
+        if not self.exited.done():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def send_group(self, sig: int) -> None:
+        self.signalled_by_us.add(sig)
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    async def stop(self, timeout: float) -> int:
+        """SIGTERM to the whole group, SIGKILL after `timeout`; returns the exit code."""
+        if not self.exited.done():
+            log.info("stopping the child (SIGTERM to process group %d, SIGKILL after %.1f s)", self.pid, timeout)
+            self.send_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            except asyncio.TimeoutError:
+                log.warning("the child did not stop within %.1f s: SIGKILL", timeout)
+                self.send_group(signal.SIGKILL)
+                await self.exited
+        self.send_group_quietly(signal.SIGKILL)  # leftovers in its group
+        return self.exited.result()
+
+    def send_group_quietly(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def join_output(self, timeout: float = 1.0) -> None:
+        """Wait briefly for the last output; a grandchild holding the pipe must not hold us."""
+        deadline = time.monotonic() + timeout
+        for pump in self._pumps:
+            pump.join(max(0.0, deadline - time.monotonic()))
+
+
+class OrphanReaper:
+    """Reaps zombies re-parented to us (we are PID 1 or a child-subreaper)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.reaped = 0
+        self._first_seen: dict[int, float] = {}
+
+    async def run(self, keep: set[int]) -> None:
+        """Sweep forever; `keep` holds pids whose status someone else collects (our child)."""
+        me = psutil.Process()
+        while True:
+            await asyncio.sleep(self.interval)
+            self.sweep(me, keep)
+
+    def sweep(self, me: psutil.Process, keep: set[int]) -> None:
+        now = time.monotonic()
+        zombies = set()
+        for proc in me.children():
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE and proc.pid not in keep:
+                    zombies.add(proc.pid)
+            except psutil.NoSuchProcess:
+                continue
+        for pid in zombies:
+            if now - self._first_seen.setdefault(pid, now) >= ORPHAN_GRACE_S:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                    self.reaped += 1
+                    log.debug("reaped orphan pid %d", pid)
+                except ChildProcessError:
+                    pass
+        self._first_seen = {pid: seen for pid, seen in self._first_seen.items() if pid in zombies}

@@ -1,0 +1,129 @@
+"""Checks against the child, run from inside the container: http_get, tcp_socket, exec.
+
+The agent never reaches into the container; it asks the bootstrap's /ready and /live, and
+the bootstrap runs the spec's checks here, where the app's port and its commands are at hand.
+Without a check in the spec, the child is up when it accepts a TCP connection on its port and
+answers an HTTP request to `/` with any status (a 404 still means the server is up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from bootstrap.spec import Probe
+
+log = logging.getLogger("berth.boot")
+
+Check = Callable[[], Awaitable[str | None]]  # None: passed; else why it failed
+
+
+async def http_get(host: str, port: int, path: str, timeout: float, *, any_status: bool = False) -> str | None:
+    """GET `path`; Kubernetes' rule: 200-399 passes (with `any_status`, any answer does)."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: berth-probe\r\nConnection: close\r\n\r\n".encode())
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
+        return f"GET {path} on port {port}: {_reason(exc)}"
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return f"GET {path} on port {port}: no HTTP answer"
+    status = int(parts[1])
+    if any_status or 200 <= status < 400:
+        return None
+    return f"GET {path} on port {port}: status {status}"
+
+
+async def tcp_socket(host: str, port: int, timeout: float) -> str | None:
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
+        return f"TCP connect to port {port}: {_reason(exc)}"
+    return None
+
+
+async def exec_command(argv: list[str], timeout: float) -> str | None:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            output, _ = await process.communicate()
+    except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        process.kill()
+        await process.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return f"exec {argv[0]}: timed out after {timeout:g} s"
+    if process.returncode != 0:
+        last = output.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        return f"exec {argv[0]}: exit code {process.returncode} {last[0]}".rstrip()
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def check_for(probe: Probe | None, app_port: int, host: str = "127.0.0.1") -> Check:
+    """The check a spec probe describes; without one, the default 'the server answers'."""
+    if probe is None:
+        return lambda: http_get(host, app_port, "/", 1.0, any_status=True)
+    timeout = probe.timeout_seconds
+    if probe.http_get is not None:
+        action = probe.http_get
+        return lambda: http_get(host, action.port or app_port, action.path, timeout)
+    if probe.tcp_socket is not None:
+        port = probe.tcp_socket.port or app_port
+        return lambda: tcp_socket(host, port, timeout)
+    assert probe.exec is not None
+    argv = probe.exec.argv
+    return lambda: exec_command(argv, timeout)
+
+
+@dataclass
+class ProbeLoop:
+    """One check run again and again, one attempt in flight at a time, with thresholds."""
+
+    check: Check
+    period: float
+    success_threshold: int = 1
+    failure_threshold: int = 3
+
+    async def until_passing(self) -> None:
+        """Return after `success_threshold` passes in a row; log the reason while it fails."""
+        passes, last_reason = 0, None
+        while passes < self.success_threshold:
+            reason = await self.check()
+            passes = passes + 1 if reason is None else 0
+            if reason is not None and reason != last_reason:
+                log.info("waiting for the child: %s", reason)
+                last_reason = reason
+            if passes < self.success_threshold:
+                await asyncio.sleep(self.period)
+
+    async def watch(self, on_verdict: Callable[[bool, str | None], None]) -> None:
+        """Run forever; report pass after `success_threshold`, fail after `failure_threshold`."""
+        passes = failures = 0
+        while True:
+            reason = await self.check()
+            if reason is None:
+                passes, failures = passes + 1, 0
+                if passes >= self.success_threshold:
+                    on_verdict(True, None)
+            else:
+                passes, failures = 0, failures + 1
+                if failures >= self.failure_threshold:
+                    on_verdict(False, reason)
+            await asyncio.sleep(self.period)

@@ -1,0 +1,89 @@
+"""The bootstrap's Prometheus metrics: what an autoscaler and an operator need.
+
+`berth_inflight_requests_avg` is the time-weighted average of the in-flight count over the
+last second: the concurrency that LLM autoscaling should use (a sampled gauge misses short
+bursts and long requests alike). Child CPU and RSS are read with psutil at scrape time,
+summed over the child's whole process tree (engines run workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from serving.state import BootState, State
+
+# Buckets in seconds: sub-millisecond for the proxy's own cost, minutes for LLM streams.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, state: BootState) -> None:
+        self.state = state
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.inflight = Gauge("berth_inflight_requests", "Requests in flight through the proxy now", registry=r)
+        self.inflight.set_function(lambda: state.inflight.count)
+        self.inflight_avg = Gauge(
+            "berth_inflight_requests_avg", "Time-weighted average of in-flight requests over the last second", registry=r
+        )
+        self.queue_depth = Gauge("berth_queue_depth", "Requests waiting for a concurrency slot", registry=r)
+        self.queue_depth.set_function(lambda: state.queued)
+        self.requests = Counter("berth_requests", "Requests answered, by HTTP status code", ["code"], registry=r)
+        self.latency = Histogram(
+            "berth_request_duration_seconds", "Time from request to the end of the response", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ttfb = Histogram(
+            "berth_time_to_first_byte_seconds", "Time from request to the response's first byte", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.state_enum = Enum("berth_state", "The bootstrap's state", states=[s.value for s in State], registry=r)
+        self.state_enum.state(state.state.value)
+        state.on_change(lambda new: self.state_enum.state(new.value))
+        self.phase = Gauge("berth_phase_duration_seconds", "How long each startup phase took", ["phase"], registry=r)
+        self._child_pid: Callable[[], int | None] = lambda: state.child_pid
+        r.register(_ChildCollector(self._child_pid))
+
+    def record_phase(self, name: str, seconds: float) -> None:
+        self.phase.labels(name).set(seconds)
+
+    async def sample_average(self, window: float = 1.0) -> None:
+        """Every `window` seconds, publish the time-weighted in-flight average."""
+        while True:
+            await asyncio.sleep(window)
+            self.inflight_avg.set(self.state.inflight.take_average())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ChildCollector:
+    """CPU seconds and resident memory of the child's process tree, read at scrape time."""
+
+    def __init__(self, child_pid: Callable[[], int | None]) -> None:
+        self._child_pid = child_pid
+
+    def collect(self):
+        cpu = CounterMetricFamily("berth_child_cpu_seconds", "CPU time used by the child's process tree")
+        rss = GaugeMetricFamily("berth_child_rss_bytes", "Resident memory of the child's process tree")
+        pid = self._child_pid()
+        if pid is not None:
+            total_cpu, total_rss = 0.0, 0
+            try:
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    try:
+                        times = proc.cpu_times()
+                        total_cpu += times.user + times.system
+                        total_rss += proc.memory_info().rss
+                    except psutil.Error:
+                        continue
+                cpu.add_metric([], total_cpu)
+                rss.add_metric([], total_rss)
+            except psutil.Error:
+                pass
+        yield cpu
+        yield rss

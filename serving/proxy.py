@@ -1,0 +1,400 @@
+"""The data path: port 8080 -> the child on 127.0.0.1:<port>.
+
+A short chain of small handlers, each testable alone (the shape of Knative's queue-proxy):
+
+    Drain -> Timeout -> Limits -> Auth -> Measure -> Forward
+
+Drain counts requests in flight and refuses them outside READY/quiet period; Timeout turns a
+slow answer into 504; Limits enforce the body size (413) and the concurrency limit with its
+bounded queue (503); Auth checks the service token (401); Measure records metrics; Forward
+relays to the child, streaming the response as it is produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hmac
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from serving.metrics import Metrics
+from serving.state import BootState, State
+
+log = logging.getLogger("berth.proxy")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+# Per-request notes shared along the chain (aiohttp requests are mutable mappings).
+BODY = "berth.body"
+RESPONSE_STARTED = "berth.response_started"  # loop time of the first byte sent to the client
+
+HOP_BY_HOP = frozenset(
+    h.lower() for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
+        "TE", "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Content-Length",
+    )
+)
+# Responses up to this size are read whole and sent in one write; larger or unsized ones stream.
+SMALL_BODY = 64 * 1024
+MiB = 1024 * 1024
+
+
+@dataclass
+class ProxyConfig:
+    upstream_port: int
+    upstream_host: str = "127.0.0.1"
+    max_body: int = 1 * MiB  # as EAS's gateway
+    request_timeout: float = 600.0
+    header_timeout: float = 30.0
+    concurrency: int = 0  # 0: no limit
+    queue: int | None = None  # None: 10 x concurrency, as Knative's breaker
+    token: str | None = None
+    wait_ready: float = 0.0  # before READY: 0 answers 503 at once, else wait up to this long
+    upstream_idle: float = 4.0  # below uvicorn's (and so vLLM's) 5 s keep-alive
+    retry_after: int = 1
+
+    @property
+    def queue_limit(self) -> int:
+        return self.queue if self.queue is not None else 10 * self.concurrency
+
+
+def reject(metrics: Metrics, status: int, reason: str, *, close: bool = False, retry_after: int | None = None) -> web.Response:
+    """An answer berth gives itself (not the child's): counted, explained in the body."""
+    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    response = web.Response(status=status, text=reason + "\n", headers=headers)
+    if close:
+        headers["Connection"] = "close"
+        response.force_close()
+    metrics.requests.labels(str(status)).inc()
+    return response
+
+
+class Drain:
+    """Outermost: counts in-flight requests (the drain waits on them) and gates by state.
+
+    Before READY: 503 with Retry-After, or wait for READY up to `wait_ready`. DRAINING, during
+    the quiet period: served as usual, so load balancers have time to notice. Past it: 503
+    with `Connection: close`.
+    """
+
+    def __init__(self, state: BootState, config: ProxyConfig, metrics: Metrics, next_handler: Handler) -> None:
+        self.state, self.config, self.metrics, self.next = state, config, metrics, next_handler
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        state = self.state
+        if state.refusing:
+            return reject(self.metrics, 503, "the service is shutting down", close=True)
+        if state.state not in (State.READY, State.DRAINING):
+            if self.config.wait_ready <= 0 or not await self._wait_ready():
+                return reject(self.metrics, 503, f"the service is not ready ({state.state.value})", retry_after=self.config.retry_after)
+        state.inflight.add(1)
+        try:
+            response = await self.next(request)
+        finally:
+            state.inflight.add(-1)
+        if state.state is State.DRAINING:
+            response.force_close()  # move keep-alive clients to another instance
+        return response
+
+    async def _wait_ready(self) -> bool:
+        try:
+            await asyncio.wait_for(self.state.ready_event.wait(), self.config.wait_ready)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class Timeout:
+    """504 when the child has not answered within the request timeout (EAS's rpc.keepalive).
+
+    Once the response has started the status is gone: the connection is cut instead, so the
+    client sees a truncated response rather than a whole one.
+    """
+
+    def __init__(self, seconds: float, metrics: Metrics, next_handler: Handler) -> None:
+        self.seconds, self.metrics, self.next = seconds, metrics, next_handler
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(self.seconds):
+                return await self.next(request)
+        except TimeoutError:
+            if RESPONSE_STARTED in request:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise
+            return reject(self.metrics, 504, f"the service did not answer within {self.seconds:g} s")
+
+
+class Limits:
+    """Request body size (413) and the optional concurrency limit with a bounded queue (503)."""
+
+    def __init__(self, config: ProxyConfig, state: BootState, metrics: Metrics, next_handler: Handler) -> None:
+        self.config, self.state, self.metrics, self.next = config, state, metrics, next_handler
+        self._slots = asyncio.Semaphore(config.concurrency) if config.concurrency > 0 else None
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        limit = self.config.max_body
+        if request.content_length is not None and request.content_length > limit:
+            return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
+        if request.body_exists:
+            body = await _read_body(request, limit)
+            if body is None:
+                return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
+            request[BODY] = body
+        if self._slots is None:
+            return await self.next(request)
+        if self._slots.locked() and self.state.queued >= self.config.queue_limit:
+            return reject(self.metrics, 503, "too many requests queued", retry_after=self.config.retry_after)
+        self.state.queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.state.queued -= 1
+        try:
+            return await self.next(request)
+        finally:
+            self._slots.release()
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The whole body, or None past `limit` (chunked bodies have no Content-Length to check)."""
+    parts, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+class Auth:
+    """With a service token: `Authorization: <token>` or `Bearer <token>`, else 401."""
+
+    def __init__(self, token: str | None, metrics: Metrics, next_handler: Handler) -> None:
+        self.token = token.encode() if token else None
+        self.metrics, self.next = metrics, next_handler
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.token is not None:
+            given = request.headers.get("Authorization", "")
+            if given[:7].lower() == "bearer ":
+                given = given[7:]
+            if not hmac.compare_digest(given.strip().encode(), self.token):
+                response = reject(self.metrics, 401, "missing or wrong token in the Authorization header")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+        return await self.next(request)
+
+
+class Measure:
+    """Requests by status code, latency and time to first byte."""
+
+    def __init__(self, metrics: Metrics, next_handler: Handler) -> None:
+        self.metrics, self.next = metrics, next_handler
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status = "499"  # nginx's code for a client that went away, unless we learn otherwise
+        try:
+            response = await self.next(request)
+            status = str(response.status)
+            return response
+        finally:
+            ended = loop.time()
+            self.metrics.requests.labels(status).inc()
+            self.metrics.latency.observe(ended - started)
+            self.metrics.ttfb.observe(request.get(RESPONSE_STARTED, ended) - started)
+
+
+class Forward:
+    """Relay to the child over pooled keep-alive connections; stream what it produces."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: ProxyConfig, metrics: Metrics) -> None:
+        self.session, self.metrics = session, metrics
+        self.base = URL.build(scheme="http", host=config.upstream_host, port=config.upstream_port)
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        url = self.base.join(URL(request.raw_path, encoded=True))
+        headers = upstream_headers(request)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request, url, headers)
+        body = request.get(BODY)
+        upstream = None
+        for attempt in (1, 2):
+            try:
+                upstream = await self.session.request(request.method, url, headers=headers, data=body, allow_redirects=False)
+                break
+            except aiohttp.ClientConnectorError as exc:
+                return reject(self.metrics, 502, f"the service is not reachable: {exc.os_error.strerror or exc}")
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # The keep-alive race: the child closed a pooled connection as we sent on it,
+                # before answering a byte. The body is in memory, so one retry is safe.
+                if attempt == 2 or not _closed_before_answer(exc):
+                    return reject(self.metrics, 502, f"the service closed the connection: {exc}")
+                log.debug("upstream connection closed before an answer; retrying once on a new one")
+        assert upstream is not None
+        try:
+            response = await self._relay(request, upstream)
+        except BaseException:
+            upstream.close()  # a client gone mid-stream: drop the upstream request too
+            raise
+        upstream.release()
+        return response
+
+    async def _relay(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        headers = response_headers(upstream)
+        length = upstream.content_length
+        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+            body = await upstream.read()
+            request[RESPONSE_STARTED] = asyncio.get_running_loop().time()
+            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if length is not None:
+            response.content_length = length
+        await response.prepare(request)
+        request[RESPONSE_STARTED] = asyncio.get_running_loop().time()
+        async for chunk in upstream.content.iter_any():  # as produced: no buffering
+            await response.write(chunk)
+        return response
+
+    async def _websocket(self, request: web.BaseRequest, url: URL, headers: CIMultiDict[str]) -> web.StreamResponse:
+        for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol"):
+            headers.popall(name, None)
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            upstream = await self.session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
+        except aiohttp.WSServerHandshakeError as exc:
+            return reject(self.metrics, exc.status or 502, f"the service refused the WebSocket: {exc.message}")
+        except aiohttp.ClientError as exc:
+            return reject(self.metrics, 502, f"the service is not reachable: {exc}")
+        client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (), autoping=False)
+        await client.prepare(request)
+        request[RESPONSE_STARTED] = asyncio.get_running_loop().time()
+        async with upstream:
+            pumps = [asyncio.ensure_future(_pump_ws(client, upstream)), asyncio.ensure_future(_pump_ws(upstream, client))]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for pump in pumps:
+                pump.cancel()
+        await client.close()
+        return client
+
+
+async def _pump_ws(source, sink) -> None:
+    async for message in source:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif message.type == aiohttp.WSMsgType.PING:
+            await sink.ping(message.data)
+        elif message.type == aiohttp.WSMsgType.PONG:
+            await sink.pong(message.data)
+    await sink.close()
+
+
+def _closed_before_answer(exc: Exception) -> bool:
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    return getattr(exc, "errno", None) in (errno.ECONNRESET, errno.EPIPE)
+
+
+def _connection_tokens(headers) -> set[str]:
+    return {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
+
+
+def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, plus X-Forwarded-For/Proto."""
+    drop = HOP_BY_HOP | _connection_tokens(request.headers)
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        headers["Upgrade"], headers["Connection"] = "websocket", "Upgrade"
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers.setdefault("X-Forwarded-Proto", request.scheme)
+    return headers
+
+
+def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+
+
+def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, session: aiohttp.ClientSession) -> Handler:
+    forward = Forward(session, config, metrics)
+    chain: Handler = Measure(metrics, forward)
+    chain = Auth(config.token, metrics, chain)
+    chain = Limits(config, state, metrics, chain)
+    chain = Timeout(config.request_timeout, metrics, chain)
+    return Drain(state, config, metrics, chain)
+
+
+def upstream_session(config: ProxyConfig) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=config.upstream_idle, use_dns_cache=False)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # pass bodies through as the child encoded them
+        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
+        timeout=aiohttp.ClientTimeout(total=None, connect=5),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    )
+
+
+class HeaderTimeout:
+    """Closes connections that send no complete request head within `seconds` (slowloris)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._answered: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+
+    def wrap(self, handler: Handler) -> Handler:
+        async def noting(request: web.BaseRequest) -> web.StreamResponse:
+            if request.transport is not None:
+                self._answered.add(request.transport)
+            return await handler(request)
+
+        return noting
+
+    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
+        loop = asyncio.get_running_loop()
+
+        def make() -> asyncio.Protocol:
+            protocol = server()
+            loop.call_later(self.seconds, self._close_if_silent, protocol)
+            return protocol
+
+        return make
+
+    def _close_if_silent(self, protocol) -> None:
+        transport = protocol.transport
+        if transport is not None and not transport.is_closing() and transport not in self._answered:
+            log.debug("closing a connection that sent no request head within %.0f s", self.seconds)
+            transport.close()
+
+
+async def start_server(handler: Handler, host: str, port: int, *, header_timeout: float | None = None) -> tuple[web.Server, asyncio.AbstractServer]:
+    """Bind at once; aiohttp's low-level server (no router: one handler chain)."""
+    loop = asyncio.get_running_loop()
+    guard = HeaderTimeout(header_timeout) if header_timeout else None
+    server = web.Server(
+        guard.wrap(handler) if guard else handler,
+        handler_cancellation=True,  # a client that disconnects cancels its upstream request
+        auto_decompress=False,
+        access_log=None,
+        keepalive_timeout=75.0,  # nginx's default for clients
+    )
+    factory = guard.protocol_factory(server) if guard else server
+    listener = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+    return server, listener
