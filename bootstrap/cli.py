@@ -16,13 +16,19 @@ from bootstrap.errors import EXIT_FAILED, EXIT_USAGE, CommandFailed, UsageError
 from bootstrap.spec import SpecError
 
 # Modules that contribute subcommands, in the order `berth --help` lists them.
-COMMAND_MODULES = ("bootstrap.spec_cli", "bootstrap.boot_cli")
+COMMAND_MODULES = ("bootstrap.spec_cli", "bootstrap.boot_cli", "agent.cli")
 
 DESCRIPTION = """\
 berth: serve models on a GPU node.
 
   berth spec check FILE   validate an EAS-style service config
   berth boot -- CMD ARGS  container entrypoint: prepare, launch, warm up, proxy, drain
+  berth agent             the node daemon: runs services, probes, restarts, re-adopts
+  berth deploy FILE       run a service on the agent (--wait: until every instance is Ready)
+  berth ls | get NAME     list services; one service's instances, endpoints, last exits
+  berth logs NAME [-f]    an instance's logs
+  berth rm NAME           stop (SIGTERM, grace, SIGKILL) and remove a service
+  berth node              the node: runtime, CPU, memory, disks, images
 
 Exit codes: 0 done, 1 the operation failed, 2 bad usage or invalid input.
 """

@@ -1,0 +1,141 @@
+"""The agent's HTTP API (FastAPI): services, logs, events, node, metrics. OpenAPI at /docs.
+
+Every route needs `Authorization: Bearer <token>` (the token in `<state-dir>/token`) except
+`GET /healthz` and the API's own documentation (/docs, /openapi.json), which hold no data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import psutil
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from agent.supervisor import Conflict, Supervisor
+from bootstrap.spec import SpecError, parse_spec
+
+
+def create_app(supervisor: Supervisor, token: str) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await supervisor.start()
+        yield
+        await supervisor.close()
+
+    app = FastAPI(title="berth agent", description="Runs EAS-style services on this node.", lifespan=lifespan)
+
+    def authorized(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>' with the token "
+                                     "from the agent's state directory (<state-dir>/token)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(authorized)]
+
+    @app.exception_handler(SpecError)
+    async def spec_error(request: Request, exc: SpecError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={
+            "detail": [{"path": issue.path, "message": issue.message} for issue in exc.issues],
+            "warnings": [{"path": issue.path, "message": issue.message} for issue in exc.warnings],
+        })
+
+    def service_or_404(name: str):
+        svc = supervisor.services.get(name)
+        if svc is None:
+            raise HTTPException(404, f"no service named {name!r} on this node (`berth ls` lists them)")
+        return svc
+
+    @app.get("/healthz", include_in_schema=True)
+    async def healthz() -> dict:
+        return {"status": "ok", "runtime": supervisor.runtime.name}
+
+    @app.post("/v1/services", dependencies=auth, status_code=201)
+    async def create_service(request: Request) -> JSONResponse:
+        body = await request.body()
+        parsed = parse_spec(body, source="request body")
+        svc, created = await supervisor.deploy(parsed.spec)
+        view = supervisor.view(svc)
+        view["warnings"] = [{"path": w.path, "message": w.message} for w in parsed.warnings]
+        return JSONResponse(view, status_code=201 if created else 200)
+
+    @app.get("/v1/services", dependencies=auth)
+    async def list_services() -> list[dict]:
+        return [supervisor.view(svc) for _, svc in sorted(supervisor.services.items())]
+
+    @app.get("/v1/services/{name}", dependencies=auth)
+    async def get_service(name: str) -> dict:
+        return supervisor.view(service_or_404(name))
+
+    @app.delete("/v1/services/{name}", dependencies=auth, status_code=202)
+    async def delete_service(name: str) -> dict:
+        service_or_404(name)
+        return supervisor.view(await supervisor.delete(name))
+
+    @app.get("/v1/services/{name}/logs", dependencies=auth)
+    async def logs(name: str, instance: str | None = None, follow: bool = False, tail: int | None = None) -> StreamingResponse:
+        svc = service_or_404(name)
+        chosen = next((inst for inst in svc.instances.values() if instance in (None, inst.id, str(inst.slot))), None)
+        if chosen is None:
+            raise HTTPException(404, f"service {name!r} has no instance {instance!r}; "
+                                     f"instances: {', '.join(i.id for i in svc.instances.values())}")
+        if chosen.handle is None:
+            raise HTTPException(409, f"instance {chosen.id} has not started yet (state {chosen.state.value})")
+        return StreamingResponse(_threaded(supervisor.runtime.logs(chosen.handle.id, tail=tail, follow=follow)),
+                                 media_type="text/plain")
+
+    @app.get("/v1/events", dependencies=auth)
+    async def events(since: int = 0, service: str | None = None, follow: bool = True) -> StreamingResponse:
+        async def lines() -> AsyncIterator[bytes]:
+            async for event in supervisor.subscribe(since=since, service=service, follow=follow):
+                yield (json.dumps(event) + "\n").encode()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/v1/node", dependencies=auth)
+    async def node() -> dict[str, Any]:
+        info = await asyncio.to_thread(supervisor.runtime.node_info)
+        memory = psutil.virtual_memory()
+        disks = {}
+        for label, path in (("state", supervisor.config.state_dir), ("cache", supervisor.config.cache_dir),
+                            ("images", info.get("root_dir"))):
+            if path and os.path.exists(path):
+                usage = shutil.disk_usage(path)
+                disks[label] = {"path": str(path), "total": usage.total, "used": usage.used, "free": usage.free}
+        return {
+            "runtime": supervisor.runtime.name, "limitations": supervisor.runtime.limitations,
+            "engine": info.get("engine"), "cpu": {"count": psutil.cpu_count(), "load": os.getloadavg()},
+            "memory": {"total": memory.total, "available": memory.available}, "disks": disks,
+            "images": info.get("images", []), "gpus": [], "time": time.time(),
+        }
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(supervisor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    return app
+
+
+async def _threaded(chunks) -> AsyncIterator[bytes]:
+    """A blocking iterator (the runtime's log stream) read in a thread, chunk by chunk."""
+    done = object()
+    while True:
+        chunk = await asyncio.to_thread(next, chunks, done)
+        if chunk is done:
+            return
+        yield chunk

@@ -1,0 +1,334 @@
+"""`berth agent` (the node daemon) and its client commands: deploy, ls, get, logs, rm, node.
+
+Imports here stay light: the daemon's FastAPI/uvicorn/docker are loaded only by `berth agent`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from bootstrap.errors import EXIT_FAILED, CommandFailed, UsageError
+
+FAILING_STATES = ("BackOff", "Failed", "Evicted")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    _add_agent(subparsers)
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--agent", metavar="URL", help="the agent: http://HOST:PORT or unix:/path (default "
+                        "$BERTH_AGENT_URL, else http://127.0.0.1:7070)")
+    client.add_argument("--state-dir", metavar="DIR", help="the agent's state directory, whose token file is read when "
+                        "BERTH_TOKEN is not set (default $BERTH_STATE_DIR, else /var/lib/berth)")
+    client.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+
+    deploy = subparsers.add_parser("deploy", parents=[client], help="run a service (EAS-style JSON) on the agent",
+                                   description="Send a service config to the agent, which pulls its image and starts "
+                                               "its instances. Exit 2 lists every problem with its JSON path.")
+    deploy.add_argument("file", metavar="FILE", help="the JSON service config ('-' reads stdin)")
+    deploy.add_argument("--wait", action="store_true", help="wait until every instance is Ready, showing progress; "
+                        "fail with the reason when one cannot start")
+    deploy.add_argument("--timeout", type=float, default=900, metavar="S", help="give up waiting after S seconds (900)")
+    deploy.set_defaults(handler=run_deploy)
+
+    ls = subparsers.add_parser("ls", parents=[client], help="list the agent's services")
+    ls.set_defaults(handler=run_ls)
+
+    get = subparsers.add_parser("get", parents=[client], help="show one service and its instances",
+                                description="A service's revision and each instance's state, restarts, GPUs, "
+                                            "proxy endpoint and last exit.")
+    get.add_argument("name", metavar="NAME")
+    get.set_defaults(handler=run_get)
+
+    logs = subparsers.add_parser("logs", parents=[client], help="print an instance's logs")
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("--instance", metavar="ID", help="which instance (default the first)")
+    logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    logs.set_defaults(handler=run_logs)
+
+    rm = subparsers.add_parser("rm", parents=[client], help="stop (SIGTERM, grace period, SIGKILL) and remove a service")
+    rm.add_argument("name", metavar="NAME")
+    rm.add_argument("--no-wait", action="store_true", help="return once the agent has started stopping it")
+    rm.set_defaults(handler=run_rm)
+
+    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, CPU, memory, disks, images")
+    node.set_defaults(handler=run_node)
+
+
+def _add_agent(subparsers: argparse._SubParsersAction) -> None:
+    agent = subparsers.add_parser(
+        "agent", help="run the node daemon",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run berth's node daemon: an HTTP API (token in <state-dir>/token) that runs EAS-style services as\n"
+            "containers (or local processes), with probes, restarts with backoff, graceful stop and\n"
+            "re-adoption of running instances after its own restart.\n\n"
+            "Settings come from --config FILE (JSON; every timing lives there under \"timings\"), then\n"
+            "BERTH_* variables (BERTH_LISTEN, BERTH_STATE_DIR, BERTH_CACHE_DIR, BERTH_RUNTIME, BERTH_NETWORK,\n"
+            "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY; BERTH_ALLOW_HOST_PATHS and BERTH_READ_ONLY_MOUNTS\n"
+            "comma-separated), then these flags."
+        ),
+    )
+    agent.add_argument("--config", type=Path, metavar="FILE", default=os.environ.get("BERTH_CONFIG"),
+                       help="operator configuration, JSON (default $BERTH_CONFIG)")
+    agent.add_argument("--listen", metavar="HOST:PORT", help="API address, or unix:/path (default 127.0.0.1:7070)")
+    agent.add_argument("--state-dir", metavar="DIR", help="SQLite state, token, logs (default /var/lib/berth)")
+    agent.add_argument("--cache-dir", metavar="DIR", help="node cache mounted into every instance (default /var/cache/berth)")
+    agent.add_argument("--runtime", choices=["auto", "docker", "process"],
+                       help="docker, process, or auto: docker when an engine answers (default auto)")
+    agent.add_argument("--network", choices=["bridge", "host"], help="instances' network (default bridge)")
+    agent.add_argument("--host-ip", metavar="ADDR", help="address instances' ports are published on (default 127.0.0.1)")
+    agent.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for every instance")
+    agent.add_argument("--allow-host-path", action="append", default=[], metavar="DIR",
+                       help="allow `local` storage under DIR (or `nfs` under SERVER:/EXPORT); none by default")
+    agent.set_defaults(handler=run_agent)
+
+
+# --- the daemon -------------------------------------------------------------------------------
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from bootstrap.log import configure
+
+    configure()
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--env {item!r}: give NAME=VALUE")
+        env[name] = value
+    config = load_config(args.config, {
+        "listen": args.listen, "state_dir": args.state_dir, "cache_dir": args.cache_dir, "runtime": args.runtime,
+        "network": args.network, "host_ip": args.host_ip, "env": env, "allow_host_paths": args.allow_host_path,
+    })
+    return serve(config)
+
+
+def serve(config) -> int:
+    import logging
+
+    import uvicorn
+
+    from agent.api import create_app
+    from agent.state import Store
+    from agent.supervisor import Supervisor
+
+    log = logging.getLogger("berth.agent")
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    token = _ensure_token(config.token_path)
+    runtime, why = _pick_runtime(config)
+    print(f"berth agent: runtime {runtime.name} ({why})", file=sys.stderr, flush=True)
+    for limitation in runtime.limitations:
+        log.warning("runtime %s cannot enforce: %s", runtime.name, limitation)
+    supervisor = Supervisor(config, runtime, Store(config.database_path))
+    app = create_app(supervisor, token)
+    if config.listen.startswith("unix:"):
+        server_config = uvicorn.Config(app, uds=config.listen[5:], log_config=None, access_log=False)
+    else:
+        host, _, port = config.listen.rpartition(":")
+        server_config = uvicorn.Config(app, host=host.strip("[]"), port=int(port), log_config=None, access_log=False)
+    log.info("listening on %s; state in %s; token in %s", config.listen, config.state_dir, config.token_path)
+    server = uvicorn.Server(server_config)
+    server.run()
+    runtime.close()
+    return 0 if server.started else EXIT_FAILED
+
+
+def _ensure_token(path: Path) -> str:
+    """The API token, generated at first start, readable by the agent's user alone."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def _pick_runtime(config):
+    if config.runtime in ("auto", "docker"):
+        from agent.docker_runtime import DockerRuntime, engine_reachable
+
+        if engine_reachable():
+            return DockerRuntime(config), "a Docker engine answers"
+        if config.runtime == "docker":
+            raise CommandFailed("--runtime docker: no Docker engine answers (is dockerd running? DOCKER_HOST?)")
+    from agent.process_runtime import ProcessRuntime
+
+    why = "asked for" if config.runtime == "process" else "no Docker engine answers"
+    return ProcessRuntime(config), why
+
+
+# --- client commands --------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):
+    from agent.client import AgentClient, find_token
+
+    return AgentClient(args.agent, find_token(args.state_dir))
+
+
+def _call(args: argparse.Namespace, method: str, path: str, payload: bytes | None = None) -> Any:
+    from agent.client import ApiError
+
+    try:
+        return _client(args).call(method, path, payload)
+    except ApiError as exc:
+        if exc.status == 422 and isinstance(exc.detail, list):
+            lines = "\n".join(f"  {item['path']}: {item['message']}" if item.get("path") else f"  {item['message']}"
+                              for item in exc.detail)
+            raise UsageError(f"the agent refused the service config:\n{lines}") from None
+        raise CommandFailed(str(exc.detail)) from None
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    try:
+        payload = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{args.file}: cannot read the file: {exc.strerror or exc}") from None
+    service = _call(args, "POST", "/v1/services", payload)
+    for warning in service.get("warnings", []):
+        print(f"warning: {warning['path']}: {warning['message']}", file=sys.stderr)
+    print(f"deployed {service['name']} revision {service['revision']} ({service['instance']} instance(s), "
+          f"runtime {service['runtime']})", file=sys.stderr)
+    if args.wait:
+        service = _wait_ready(args, service["name"], args.timeout)
+    if args.json:
+        print(json.dumps(service, indent=2))
+    return 0
+
+
+def _wait_ready(args: argparse.Namespace, name: str, timeout: float) -> dict:
+    started = time.monotonic()
+    seen: dict[str, tuple[str, str]] = {}
+    while True:
+        service = _call(args, "GET", f"/v1/services/{quote(name)}")
+        for inst in service["instances"]:
+            now = (inst["state"], inst["reason"])
+            if seen.get(inst["id"]) != now:
+                seen[inst["id"]] = now
+                print(f"[{time.monotonic() - started:6.1f}s] {inst['id']}: {inst['state']}"
+                      + (f" ({inst['reason']})" if inst["reason"] else ""), file=sys.stderr)
+            if inst["state"] in FAILING_STATES:
+                raise CommandFailed(f"{inst['id']} cannot start: {inst['state']}: {inst['reason']}" + _log_tail(inst))
+        if service["instances"] and all(inst["ready"] for inst in service["instances"]):
+            print(f"{name}: {service['ready']}/{service['instance']} ready in {time.monotonic() - started:.1f} s",
+                  file=sys.stderr)
+            return service
+        if time.monotonic() - started > timeout:
+            raise CommandFailed(f"{name}: not ready within {timeout:.0f} s ({service['ready']}/{service['instance']} ready)")
+        time.sleep(0.25)
+
+
+def _log_tail(inst: dict) -> str:
+    tail = (inst.get("last_exit") or {}).get("log_tail") or []
+    return ("\nlast log lines:\n  " + "\n  ".join(tail[-10:])) if tail else ""
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _age(created: float) -> str:
+    seconds = max(0, time.time() - created)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    services = _call(args, "GET", "/v1/services")
+    if args.json:
+        print(json.dumps(services, indent=2))
+        return 0
+    rows = [["NAME", "READY", "REVISION", "RUNTIME", "IMAGE", "AGE"]]
+    rows += [[s["name"], f"{s['ready']}/{s['instance']}" + (" (removing)" if s["deleting"] else ""), s["revision"],
+              s["runtime"], s["image"], _age(s["created"])] for s in services]
+    print(_table(rows) if services else "no services")
+    return 0
+
+
+def run_get(args: argparse.Namespace) -> int:
+    service = _call(args, "GET", f"/v1/services/{quote(args.name)}")
+    if args.json:
+        print(json.dumps(service, indent=2))
+        return 0
+    print(f"{service['name']}  revision {service['revision']}  runtime {service['runtime']}  image {service['image']}  "
+          f"{service['ready']}/{service['instance']} ready")
+    rows = [["INSTANCE", "STATE", "READY", "RESTARTS", "GPUS", "ENDPOINT", "LAST EXIT", "REASON"]]
+    for inst in service["instances"]:
+        last = inst["last_exit"]
+        rows.append([inst["id"], inst["state"], "yes" if inst["ready"] else "no", str(inst["restarts"]),
+                     ",".join(inst["gpus"]) or "-", inst["endpoint"] or "-",
+                     f"{last['code']} {last['reason']}" if last else "-", inst["reason"] or "-"])
+    print(_table(rows))
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    query = f"follow={'true' if args.follow else 'false'}"
+    if args.instance:
+        query += f"&instance={quote(args.instance)}"
+    if args.tail is not None:
+        query += f"&tail={args.tail}"
+    from agent.client import ApiError
+
+    try:
+        for chunk in _client(args).stream(f"/v1/services/{quote(args.name)}/logs?{query}"):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    except ApiError as exc:
+        raise CommandFailed(str(exc.detail)) from None
+    return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    from agent.client import ApiError
+
+    _call(args, "DELETE", f"/v1/services/{quote(args.name)}")
+    print(f"{args.name}: stopping (SIGTERM, then SIGKILL after the grace period)", file=sys.stderr)
+    started = time.monotonic()
+    while not args.no_wait:
+        try:
+            _client(args).call("GET", f"/v1/services/{quote(args.name)}")
+        except ApiError as exc:
+            if exc.status == 404:
+                print(f"{args.name}: removed in {time.monotonic() - started:.1f} s", file=sys.stderr)
+                return 0
+            raise CommandFailed(str(exc.detail)) from None
+        time.sleep(0.2)
+    return 0
+
+
+def run_node(args: argparse.Namespace) -> int:
+    from bootstrap.units import format_bytes
+
+    node = _call(args, "GET", "/v1/node")
+    if args.json:
+        print(json.dumps(node, indent=2))
+        return 0
+    print(f"runtime   {node['runtime']} ({node['engine']})")
+    for limitation in node["limitations"]:
+        print(f"          cannot enforce: {limitation}")
+    print(f"cpu       {node['cpu']['count']} cores, load {' '.join(f'{x:.2f}' for x in node['cpu']['load'])}")
+    print(f"memory    {format_bytes(node['memory']['available'])} available of {format_bytes(node['memory']['total'])}")
+    for label, disk in node["disks"].items():
+        print(f"disk      {label}: {disk['path']} {format_bytes(disk['free'])} free of {format_bytes(disk['total'])}")
+    print(f"gpus      {len(node['gpus'])}")
+    images = node["images"]
+    print(f"images    {len(images)}" + (f" ({format_bytes(sum(i['size'] for i in images))})" if images else ""))
+    for image in images:
+        print(f"          {', '.join(image['tags']) or image['id'][:19]}  {format_bytes(image['size'])}")
+    return 0
+
+

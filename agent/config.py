@@ -1,0 +1,149 @@
+"""The node operator's configuration of `berth agent`: a JSON file, then BERTH_* variables, then flags.
+
+Every timing the agent uses lives in `Timings`, so tests and benchmarks run with short values
+and an operator can tune each one. Defaults follow the kubelet and Nomad's Docker driver (see
+/work/shared/anchors.md); where berth differs, the field says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bootstrap.errors import UsageError
+
+DEFAULT_LISTEN = "127.0.0.1:7070"
+DEFAULT_STATE_DIR = Path("/var/lib/berth")
+DEFAULT_CACHE_DIR = Path("/var/cache/berth")
+ENV_PREFIX = "BERTH_"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Timings(_Model):
+    """Seconds, all of them."""
+
+    start_probe_period_s: float = Field(0.1, gt=0, description="how often /ready is asked while an instance starts")
+    probe_period_s: float = Field(10, gt=0, description="readiness/liveness period when the spec gives none (Kubernetes)")
+    probe_timeout_s: float = Field(1, gt=0, description="probe timeout when the spec gives none (Kubernetes)")
+    probe_failure_threshold: int = Field(3, ge=1, description="failures in a row when the spec gives none (Kubernetes)")
+    backoff_initial_s: float = Field(10, ge=0, description="first restart delay (kubelet)")
+    backoff_max_s: float = Field(300, ge=0, description="restart delay cap (kubelet)")
+    backoff_reset_s: float = Field(600, ge=0, description="healthy time after which the delay starts over (kubelet)")
+    stray_grace_s: float = Field(300, ge=0, description="age before an unknown berth container is removed (Nomad)")
+    reaper_period_s: float = Field(300, gt=0, description="how often strays are looked for (Nomad)")
+    # Nomad's 5 min overall pull timeout is too short for 20 GB LLM images on a slow link; the
+    # stall timeout catches a dead pull anyway.
+    pull_stall_timeout_s: float = Field(120, gt=0, description="no pull progress for this long aborts the pull (Nomad)")
+    pull_timeout_s: float = Field(1800, gt=0, description="a pull taking longer than this fails")
+    pull_progress_period_s: float = Field(10, gt=0, description="how often pull progress is reported (Nomad)")
+    pull_retries: int = Field(3, ge=0, description="retries of a pull after a transient registry error")
+    pull_retry_delay_s: float = Field(2, ge=0, description="first delay between pull retries, doubled each time")
+    process_poll_s: float = Field(0.2, gt=0, description="how often the process runtime checks its processes")
+    exit_log_lines: int = Field(20, ge=0, description="last log lines kept with an instance's exit")
+
+
+class AgentConfig(_Model):
+    listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT, or unix:/path/to.sock")
+    state_dir: Path = DEFAULT_STATE_DIR
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    runtime: Literal["auto", "docker", "process"] = "auto"
+    network: Literal["bridge", "host"] = "bridge"
+    host_ip: str = Field("127.0.0.1", description="host address the instances' ports are published on")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for every instance")
+    allow_host_paths: list[str] = Field(
+        default_factory=list,
+        description="roots under which `local` paths (and `server:/path` roots for `nfs`) may be mounted",
+    )
+    read_only_mounts: list[str] = Field(
+        default_factory=list, description="HOST[:CONTAINER] paths mounted read-only into every instance"
+    )
+    registry_mirrors: dict[str, list[str]] = Field(
+        default_factory=dict, description='registry -> mirrors tried first, e.g. {"docker.io": ["mirror:5000"]}'
+    )
+    registry_auth: dict[str, str] = Field(
+        default_factory=dict, description="registry -> 'user:password' (or its base64), used when a spec has no dockerAuth"
+    )
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    allow_fuse: bool = Field(False, description="allow /dev/fuse and SYS_ADMIN for `fuse` object-store mounts")
+    timings: Timings = Field(default_factory=Timings)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if not value[5:].startswith("/"):
+                raise ValueError(f"{value!r}: give an absolute socket path, e.g. unix:/run/berth/agent.sock")
+            return value
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:7070) or unix:/path")
+        return value
+
+    @field_validator("allow_host_paths")
+    @classmethod
+    def _roots(cls, value: list[str]) -> list[str]:
+        for root in value:
+            path = root.split(":", 1)[1] if ":" in root and not root.startswith("/") else root
+            if not path.startswith("/"):
+                raise ValueError(f"{root!r} must be an absolute path (or server:/path for NFS)")
+        return value
+
+    @property
+    def token_path(self) -> Path:
+        return self.state_dir / "token"
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+
+# Flags and BERTH_* variables that map onto one config field each; lists are comma-separated
+# in the environment. `env` has no variable: values may hold commas, so it comes by file or flag.
+SCALAR_FIELDS = ("listen", "state_dir", "cache_dir", "runtime", "network", "host_ip", "image_pull_policy")
+LIST_FIELDS = ("allow_host_paths", "read_only_mounts")
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> AgentConfig:
+    """The file (if any), then BERTH_* variables, then `overrides` (flags), each over the last.
+
+    Raises UsageError naming the file or variable and the field at fault.
+    """
+    data: dict[str, Any] = {}
+    source = "flags"
+    if path is not None:
+        source = str(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read the agent config: {exc.strerror or exc}") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: the agent config must be a JSON object")
+    for name in SCALAR_FIELDS:
+        if (value := environ.get(ENV_PREFIX + name.upper())) is not None:
+            data[name] = value
+    for name in LIST_FIELDS:
+        if value := environ.get(ENV_PREFIX + name.upper()):
+            data[name] = [item for item in value.split(",") if item]
+    for name, value in overrides.items():
+        if value in (None, [], {}):
+            continue
+        if name in ("env", "allow_host_paths", "read_only_mounts") and name in data:
+            value = {**data[name], **value} if isinstance(value, dict) else [*data[name], *value]
+        data[name] = value
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors(include_url=False)
+        )
+        raise UsageError(f"agent config ({source}, BERTH_* variables, flags): {problems}") from None

@@ -1,0 +1,320 @@
+"""The `docker` runtime: instances are containers, through the Docker Engine API (the `docker` SDK).
+
+Docker is the source of truth for what runs: everything the agent needs to find an instance
+again after its own restart is in the container's labels. Restart policy is "no": restarts
+are the agent's, with the kubelet's backoff, never Docker's own 100 ms -> 1 min manager.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+from docker.types import Mount as DockerMount
+
+from agent.config import AgentConfig
+from agent.pull import Puller, PullError
+from agent.runtime import (
+    ADMIN_PORT,
+    LABEL_ADMIN_PORT,
+    LABEL_PROXY_PORT,
+    LABEL_SERVICE,
+    PROXY_PORT,
+    ExitInfo,
+    Handle,
+    LaunchError,
+    LaunchRequest,
+)
+
+log = logging.getLogger("berth.agent.docker")
+
+NO_BERTH_HINT = (
+    "the image has no `berth` command, which is the entrypoint of every instance: install it in the image "
+    "(`pip install berth`, as images/python-inference/Dockerfile does), or set containers[0].bootstrap to false "
+    "to run the image's own command without berth's readiness gate and drain"
+)
+SECRETS_DIR = "/run/berth"
+
+
+def engine_reachable() -> bool:
+    try:
+        client = docker.from_env(timeout=5)
+        client.ping()
+        client.close()
+        return True
+    except DockerException:
+        return False
+
+
+def _timestamp(value: str) -> float:
+    """Docker's RFC 3339 time with nanoseconds -> epoch seconds."""
+    if not value or value.startswith("0001-"):
+        return 0.0
+    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", value)
+    if not match:
+        return 0.0
+    whole = calendar.timegm(time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S"))
+    return whole + float(match.group(2) or 0)
+
+
+class DockerRuntime:
+    name = "docker"
+    limitations: list[str] = []
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+        self._client = docker.from_env(timeout=120)
+        self._puller = Puller(self._client.api.base_url, config.timings, config.registry_mirrors, config.registry_auth)
+        self._secrets_root = config.state_dir / "secrets"
+
+    # --- images -------------------------------------------------------------------------------
+
+    def has_image(self, image: str) -> bool:
+        try:
+            self._client.images.get(image)
+            return True
+        except ImageNotFound:
+            return False
+
+    def ensure_image(self, image: str, *, always: bool, auth: str | None, progress: Callable[[str], None]) -> None:
+        if always or not self.has_image(image):
+            self._puller.pull(image, auth=auth, progress=progress)
+
+    # --- instances ----------------------------------------------------------------------------
+
+    def start(self, request: LaunchRequest) -> Handle:
+        self._remove_by_name(request.name)
+        try:
+            container = self._client.containers.create(**self._create_args(request))
+        except ImageNotFound:
+            raise LaunchError(f"image {request.image} is not present on the node", reason="ErrImageNeverPull") from None
+        except APIError as exc:
+            raise LaunchError(f"creating the container failed: {exc.explanation or exc}", permanent=True) from None
+        try:
+            container.start()
+        except APIError as exc:
+            message = str(exc.explanation or exc)
+            container.remove(force=True)
+            if "executable file not found" in message and '"berth"' in message:
+                raise LaunchError(f"{request.image}: {NO_BERTH_HINT}", permanent=True) from None
+            raise LaunchError(f"starting the container failed: {message}", permanent=True) from None
+        container.reload()
+        return self._handle(container.attrs)
+
+    def _create_args(self, request: LaunchRequest) -> dict:
+        ports: dict[str, tuple[str, int | None]] = {}
+        environment = dict(request.env)
+        host_mode = request.network == "host"
+        if host_mode:
+            environment["BERTH_PROXY_PORT"] = str(request.proxy_port)
+            environment["BERTH_ADMIN_PORT"] = str(request.admin_port)
+        elif request.bootstrap:
+            ports = {f"{PROXY_PORT}/tcp": (request.host_ip, None), f"{ADMIN_PORT}/tcp": (request.host_ip, None)}
+        else:
+            ports = {f"{request.app_port}/tcp": (request.host_ip, None)}
+        mounts = [self._mount(mount) for mount in request.mounts]
+        mounts += self._secret_mounts(request)
+        args = dict(
+            image=request.image,
+            name=request.name,
+            labels=request.labels,
+            environment=environment,
+            ports=ports or None,
+            network_mode="host" if host_mode else None,
+            mounts=mounts,
+            restart_policy={"Name": "no"},
+            stop_signal="SIGTERM",
+            stop_timeout=request.grace_s,
+            shm_size=request.shm_bytes,
+            mem_limit=request.memory_bytes,
+            nano_cpus=int(request.cpu * 1e9) if request.cpu else None,
+            init=False,  # berth boot is PID 1 and reaps its own children
+            detach=True,
+        )
+        if request.bootstrap:
+            args["entrypoint"] = request.argv[:2]
+            args["command"] = request.argv[2:] or self._image_command(request.image)
+        elif request.argv:
+            args["command"] = request.argv
+        if request.gpus:
+            args["device_requests"] = [DeviceRequest(driver="nvidia", device_ids=list(request.gpus), capabilities=[["gpu"]])]
+        if request.fuse:
+            args["devices"] = ["/dev/fuse:/dev/fuse:rwm"]
+            args["cap_add"] = ["SYS_ADMIN"]
+        return args
+
+    def _image_command(self, image: str) -> list[str]:
+        """The image's own command, run under `berth boot` when the spec gives none.
+
+        Setting the entrypoint makes Docker drop the image's CMD, so it is passed on here.
+        """
+        config = self._client.images.get(image).attrs.get("Config") or {}
+        own = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+        if own[:2] == ["berth", "boot"]:
+            own = own[2:]
+        if own[:1] == ["--"]:
+            own = own[1:]
+        return ["--", *own] if own else []
+
+    @staticmethod
+    def _mount(mount) -> DockerMount:
+        if mount.kind == "tmpfs":
+            return DockerMount(mount.target, None, type="tmpfs", tmpfs_size=mount.size_bytes)
+        if mount.kind == "volume":
+            return DockerMount(mount.target, None, type="volume")
+        if mount.kind == "nfs":
+            options = f"addr={mount.nfs_server}" + (",ro" if mount.read_only else "")
+            return DockerMount(mount.target, None, type="volume", read_only=mount.read_only,
+                               driver_config=docker.types.DriverConfig("local", {"type": "nfs", "o": options,
+                                                                                 "device": f":{mount.source}"}))
+        return DockerMount(mount.target, mount.source, type="bind", read_only=mount.read_only)
+
+    def _secret_mounts(self, request: LaunchRequest) -> list[DockerMount]:
+        """Secrets as files readable by root alone, bind-mounted read-only (never env, never labels)."""
+        if not request.secret_files:
+            return []
+        folder = self._secrets_root / request.name
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mounts = []
+        for target, content in request.secret_files.items():
+            path = folder / Path(target).name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+            mounts.append(DockerMount(target, str(path), type="bind", read_only=True))
+        return mounts
+
+    def list(self) -> list[Handle]:
+        containers = self._client.api.containers(all=True, filters={"label": LABEL_SERVICE})
+        handles = []
+        for summary in containers:
+            try:
+                handles.append(self._handle(self._client.api.inspect_container(summary["Id"])))
+            except NotFound:
+                continue  # removed between the listing and the inspection
+        return handles
+
+    def inspect(self, instance_id: str) -> Handle | None:
+        try:
+            return self._handle(self._client.api.inspect_container(instance_id))
+        except NotFound:
+            return None
+
+    def _handle(self, attrs: dict) -> Handle:
+        labels = attrs["Config"]["Labels"] or {}
+        state = attrs["State"]
+        published = attrs["NetworkSettings"].get("Ports") or {}
+
+        def host_port(port: int) -> int | None:
+            bindings = published.get(f"{port}/tcp")
+            return int(bindings[0]["HostPort"]) if bindings else None
+
+        host_mode = attrs["HostConfig"].get("NetworkMode") == "host"
+        exit_info = None
+        if not state["Running"]:
+            exit_info = self._exit_info(attrs)
+        app_port = next((int(key.split("/")[0]) for key in published if key not in (f"{PROXY_PORT}/tcp", f"{ADMIN_PORT}/tcp")), None)
+        return Handle(
+            id=attrs["Id"],
+            labels=labels,
+            running=bool(state["Running"]),
+            created_at=_timestamp(attrs["Created"]),
+            host_ip=self._config.host_ip,
+            proxy_port=int(labels[LABEL_PROXY_PORT]) if host_mode else host_port(PROXY_PORT),
+            admin_port=int(labels[LABEL_ADMIN_PORT]) if host_mode else host_port(ADMIN_PORT),
+            app_port=host_port(app_port) if app_port else None,
+            exit=exit_info,
+        )
+
+    def _exit_info(self, attrs: dict) -> ExitInfo:
+        state = attrs["State"]
+        code = state.get("ExitCode")
+        oom = bool(state.get("OOMKilled"))
+        reason = "OOMKilled" if oom else ("Completed" if code == 0 else "Error")
+        if state.get("Error"):
+            reason = "ContainerCannotRun"
+        return ExitInfo(code=code, oom=oom, reason=reason, at=_timestamp(state.get("FinishedAt", "")) or time.time(),
+                        message=state.get("Error", ""), log_tail=self._tail(attrs["Id"]))
+
+    def _tail(self, container_id: str) -> list[str]:
+        lines = self._config.timings.exit_log_lines
+        if not lines:
+            return []
+        try:
+            text = self._client.api.logs(container_id, tail=lines).decode(errors="replace")
+        except DockerException:
+            return []
+        return text.splitlines()[-lines:]
+
+    def stop(self, instance_id: str, grace_s: float) -> None:
+        try:
+            # The SDK's HTTP timeout must outlast the grace period, or it gives up first.
+            self._client.api.stop(instance_id, timeout=int(grace_s))
+        except NotFound:
+            pass
+
+    def remove(self, instance_id: str) -> None:
+        try:
+            attrs = self._client.api.inspect_container(instance_id)
+            self._client.api.remove_container(instance_id, v=True, force=True)
+        except NotFound:
+            return
+        self._forget_secrets(attrs["Name"].lstrip("/"))
+
+    def _remove_by_name(self, name: str) -> None:
+        """A container left by a start the agent did not see finish (crash, kill -9) holds the name."""
+        try:
+            self._client.api.remove_container(name, v=True, force=True)
+        except NotFound:
+            pass
+
+    def _forget_secrets(self, name: str) -> None:
+        folder = self._secrets_root / name
+        if folder.is_dir():
+            for path in folder.iterdir():
+                path.unlink(missing_ok=True)
+            folder.rmdir()
+
+    def logs(self, instance_id: str, *, tail: int | None, follow: bool) -> Iterator[bytes]:
+        try:
+            yield from self._client.api.logs(instance_id, stream=True, follow=follow, tail=tail if tail is not None else "all")
+        except NotFound:
+            return
+
+    def watch_exits(self, on_exit: Callable[[str], None], stopped: Callable[[], bool]) -> None:
+        """Docker's event stream, filtered to berth containers' `die`; reconnects when it breaks."""
+        while not stopped():
+            try:
+                client = docker.from_env(timeout=None)
+                events = client.api.events(decode=True, filters={"type": "container", "event": "die", "label": LABEL_SERVICE})
+                for event in events:
+                    on_exit(event["id"])
+                    if stopped():
+                        break
+            except (DockerException, OSError) as exc:
+                log.warning("the Docker event stream broke (%s); reconnecting", exc)
+                time.sleep(1)
+
+    def node_info(self) -> dict:
+        info = self._client.info()
+        images = [
+            {"id": image["Id"], "tags": image.get("RepoTags") or [], "size": image.get("Size", 0),
+             "created": image.get("Created")}
+            for image in self._client.api.images()
+        ]
+        return {"engine": f"Docker {info.get('ServerVersion')}", "storage_driver": info.get("Driver"),
+                "root_dir": info.get("DockerRootDir"), "images": images}
+
+    def close(self) -> None:
+        self._client.close()
+
+
+__all__ = ["DockerRuntime", "PullError", "engine_reachable"]

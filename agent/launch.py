@@ -1,0 +1,129 @@
+"""From a service spec and the operator's policy to a runtime-neutral `LaunchRequest`.
+
+`check_policy` is what the agent refuses at deploy time (each issue with its JSON path);
+`build_request` is what one instance gets. Secrets reach the instance as files (the token)
+or as the operator's own environment, never inside BERTH_SPEC and never in labels.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import socket
+from typing import Iterable
+
+from agent import runtime as rt
+from agent.config import AgentConfig
+from bootstrap import units
+from bootstrap.spec import ServiceSpec, SpecIssue
+
+TOKEN_PATH = "/run/berth/token"
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    path = posixpath.normpath(path)
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in map(posixpath.normpath, roots))
+
+
+def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, app_ports_in_use: dict[int, str],
+                 gpu_capacity: int) -> list[SpecIssue]:
+    """What the operator's configuration forbids, each named by its JSON path and what to do."""
+    issues: list[SpecIssue] = []
+    local_roots = [root for root in config.allow_host_paths if root.startswith("/")]
+    nfs_roots = [root for root in config.allow_host_paths if not root.startswith("/")]
+    for index, entry in enumerate(spec.storage):
+        if entry.local is not None and not _under(entry.local.path, local_roots):
+            issues.append(SpecIssue(
+                f"storage[{index}].local.path",
+                f"{entry.local.path} is not under a host path the operator allows "
+                f"({', '.join(local_roots) or 'none allowed'}); the operator can add one with "
+                "`berth agent --allow-host-path DIR`",
+            ))
+        if entry.nfs is not None:
+            nfs = entry.nfs
+            if not any(root.split(":", 1)[0] == nfs.server and _under(nfs.path, [root.split(":", 1)[1]]) for root in nfs_roots):
+                issues.append(SpecIssue(
+                    f"storage[{index}].nfs",
+                    f"{nfs.server}:{nfs.path} is not under an NFS export the operator allows; the operator can add "
+                    f"one with `berth agent --allow-host-path {nfs.server}:/export`",
+                ))
+        store = entry.object_store
+        if store is not None and store.effective_mode == "fuse" and not config.allow_fuse:
+            issues.append(SpecIssue(
+                f"storage[{index}].{entry.kind}.mode",
+                "fuse mounts need /dev/fuse and CAP_SYS_ADMIN, which this node's operator has not allowed "
+                "(allow_fuse in the agent config); use readOnly with mode 'cache' instead",
+            ))
+    if spec.metadata.gpu > gpu_capacity:
+        issues.append(SpecIssue("metadata.gpu", f"{spec.metadata.gpu} GPU(s) asked; this node has {gpu_capacity}"))
+    if host_ports:
+        port = spec.container.port
+        if spec.metadata.instance > 1:
+            issues.append(SpecIssue(
+                "metadata.instance",
+                f"{spec.metadata.instance} instances would each bind app port {port} on the host (host network "
+                "or process runtime); run 1 instance per service here, or use the bridge network",
+            ))
+        owner = app_ports_in_use.get(port)
+        if owner is not None and owner != spec.name:
+            issues.append(SpecIssue(
+                "containers[0].port",
+                f"app port {port} is already bound on this host by service {owner!r}; pick another port",
+            ))
+    return issues
+
+
+def free_port(host: str) -> int:
+    """A port free right now on `host` (host network and process runtime pick their own ports)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConfig, *, gpus: list[str],
+                  host_ports: bool) -> rt.LaunchRequest:
+    container = spec.container
+    env = {**config.env, **container.env_dict()}
+    env["BERTH_SPEC"] = json.dumps(spec.to_json_dict(reveal_secrets=True, exclude_secrets=True))
+    env["BERTH_CACHE_DIR"] = str(config.cache_dir)
+    secret_files: dict[str, bytes] = {}
+    if spec.token is not None:
+        secret_files[TOKEN_PATH] = spec.token.get_secret_value().encode()
+        env["BERTH_SERVICE_TOKEN_FILE"] = TOKEN_PATH
+    # The cache sits at the same path inside as on the host, so one BERTH_CACHE_DIR fits both runtimes.
+    mounts = [rt.Mount(target=str(config.cache_dir), source=str(config.cache_dir))]
+    for extra in config.read_only_mounts:
+        source, _, target = extra.partition(":")
+        mounts.append(rt.Mount(target=target or source, source=source, read_only=True))
+    for entry in spec.storage:
+        if entry.local is not None:
+            mounts.append(rt.Mount(target=entry.mount_path, source=entry.local.path))
+        elif entry.nfs is not None:
+            mounts.append(rt.Mount(target=entry.mount_path, source=entry.nfs.path, kind="nfs",
+                                   read_only=entry.nfs.read_only, nfs_server=entry.nfs.server))
+        elif entry.empty_dir is not None:
+            limit = entry.empty_dir.size_limit
+            mounts.append(rt.Mount(target=entry.mount_path, kind="tmpfs" if entry.empty_dir.in_memory else "volume",
+                                   size_bytes=units.parse_quantity(limit) if limit is not None else None))
+    fuse = any(entry.object_store is not None and entry.object_store.effective_mode == "fuse" for entry in spec.storage)
+    argv = container.argv or []
+    if container.bootstrap:
+        argv = ["berth", "boot", *(["--", *argv] if argv else [])]
+    labels = {
+        rt.LABEL_SERVICE: spec.name,
+        rt.LABEL_INSTANCE: str(slot),
+        rt.LABEL_REVISION: revision,
+        rt.LABEL_GPUS: ",".join(gpus),
+        rt.LABEL_GRACE: str(spec.metadata.grace_s),
+    }
+    proxy_port = admin_port = None
+    if host_ports:
+        proxy_port, admin_port = free_port(config.host_ip), free_port(config.host_ip)
+        labels[rt.LABEL_PROXY_PORT], labels[rt.LABEL_ADMIN_PORT] = str(proxy_port), str(admin_port)
+    return rt.LaunchRequest(
+        service=spec.name, slot=slot, name=f"berth-{spec.name}-{slot}", image=container.image, argv=argv, env=env,
+        labels=labels, mounts=mounts, secret_files=secret_files, cpu=spec.metadata.cpu,
+        memory_bytes=spec.metadata.memory_bytes, shm_bytes=spec.metadata.shm_bytes, gpus=gpus,
+        grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
+        app_port=container.port, bootstrap=container.bootstrap, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
+    )

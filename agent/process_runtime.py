@@ -1,0 +1,255 @@
+"""The `process` runtime: each instance is `berth boot` run as a local process group, no engine needed.
+
+For nodes without a container engine (and for developing berth itself). Each instance runs
+in its own session with its own proxy and admin ports (as in host network mode), from a
+per-service virtualenv under the state directory that sees the agent's own packages, so the
+spec's pip libraries land there and nowhere else. A JSON record per instance (pid, start
+time, ports, labels) lets a restarted agent re-adopt live processes; the exit code comes
+from the status file `berth boot` writes (BERTH_STATUS_FILE).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import site
+import subprocess
+import sys
+import threading
+import time
+import venv
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+
+from agent.config import AgentConfig
+from agent.runtime import ExitInfo, Handle, LaunchError, LaunchRequest
+
+log = logging.getLogger("berth.agent.process")
+
+LIMITATIONS = [
+    "cpu and memory limits are not enforced (no cgroup of its own)",
+    "shm_size is not applied: instances share the host's /dev/shm",
+    "GPU isolation is by CUDA_VISIBLE_DEVICES only",
+    "the image is not used: berth and the service's command must exist on this host",
+    "storage: local paths are linked at their mount path, nfs is not mounted",
+]
+BOOT_ENTRY = "from bootstrap.cli import main; raise SystemExit(main())"
+
+
+class ProcessRuntime:
+    name = "process"
+    limitations = LIMITATIONS
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._config = config
+        self._records = config.state_dir / "processes"
+        self._logs = config.state_dir / "logs"
+        self._venvs = config.state_dir / "venvs"
+        for folder in (self._records, self._logs, self._venvs):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._children: dict[str, subprocess.Popen] = {}  # started by this agent: reaped here
+        self._lock = threading.Lock()
+
+    def has_image(self, image: str) -> bool:
+        return True
+
+    def ensure_image(self, image: str, *, always: bool, auth: str | None, progress: Callable[[str], None]) -> None:
+        return None  # no images here (see LIMITATIONS)
+
+    def start(self, request: LaunchRequest) -> Handle:
+        python = self._service_python(request.service)
+        argv = [python, "-c", BOOT_ENTRY, *request.argv[1:]] if request.bootstrap else list(request.argv)
+        if not argv:
+            raise LaunchError("bootstrap is off and the spec has no command: the process runtime has no image to run",
+                              permanent=True)
+        self._prepare_mounts(request)
+        env = self._environment(request, Path(python).parent)
+        log_path = self._logs / f"{request.name}.log"
+        status_path = self._records / f"{request.name}.status.json"
+        status_path.unlink(missing_ok=True)
+        env["BERTH_STATUS_FILE"] = str(status_path)
+        with open(log_path, "ab") as output:
+            try:
+                child = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, cwd=self._config.state_dir)
+            except OSError as exc:
+                raise LaunchError(f"cannot run {argv[0]}: {exc.strerror}", permanent=True) from None
+        with self._lock:
+            self._children[request.name] = child
+        record = {
+            "id": request.name, "pid": child.pid, "create_time": psutil.Process(child.pid).create_time(),
+            "labels": request.labels, "host_ip": request.host_ip, "proxy_port": request.proxy_port,
+            "admin_port": request.admin_port, "app_port": None if request.bootstrap else request.app_port,
+            "log": str(log_path), "status": str(status_path),
+        }
+        self._record_path(request.name).write_text(json.dumps(record))
+        return self._handle(record)
+
+    def _service_python(self, service: str) -> str:
+        """A per-service virtualenv that also sees the agent's packages (berth itself)."""
+        folder = self._venvs / service
+        python = folder / "bin" / "python"
+        if not python.exists():
+            venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
+            purelib = next(folder.glob("lib/python*/site-packages"))
+            # addsitedir (not a bare path) so that the agent's own .pth files, editable installs
+            # included, are processed too.
+            dirs = [path for path in site.getsitepackages() if Path(path).is_dir()]
+            (purelib / "berth-agent.pth").write_text(
+                "".join(f"import site; site.addsitedir({path!r})\n" for path in dirs)
+            )
+        return str(python)
+
+    def _prepare_mounts(self, request: LaunchRequest) -> None:
+        for mount in request.mounts:
+            target = Path(mount.target)
+            if mount.kind == "bind" and mount.source and not target.exists() and mount.source != mount.target:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(mount.source)
+            elif mount.kind in ("volume", "tmpfs"):
+                target.mkdir(parents=True, exist_ok=True)
+        for target, content in request.secret_files.items():
+            path = self._config.state_dir / "secrets" / request.name / Path(target).name
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content)
+
+    def _environment(self, request: LaunchRequest, bin_dir: Path) -> dict[str, str]:
+        env = {key: os.environ[key] for key in ("HOME", "LANG", "TZ", "SSL_CERT_FILE") if key in os.environ}
+        env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
+        env.update(request.env)
+        env["BERTH_PROXY_PORT"] = str(request.proxy_port)
+        env["BERTH_ADMIN_PORT"] = str(request.admin_port)
+        if request.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(request.gpus)
+        if "BERTH_SERVICE_TOKEN_FILE" in env:
+            env["BERTH_SERVICE_TOKEN_FILE"] = str(self._config.state_dir / "secrets" / request.name / "token")
+        return env
+
+    def _record_path(self, instance_id: str) -> Path:
+        return self._records / f"{instance_id}.json"
+
+    def _read(self, instance_id: str) -> dict | None:
+        try:
+            return json.loads(self._record_path(instance_id).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def _alive(self, record: dict) -> bool:
+        with self._lock:
+            child = self._children.get(record["id"])
+        if child is not None and child.poll() is not None:
+            return False  # reaped just now
+        try:
+            process = psutil.Process(record["pid"])
+            # A recycled pid has another start time.
+            return abs(process.create_time() - record["create_time"]) < 0.01 and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def _handle(self, record: dict) -> Handle:
+        running = self._alive(record)
+        return Handle(
+            id=record["id"], labels=record["labels"], running=running, created_at=record["create_time"],
+            host_ip=record["host_ip"], proxy_port=record["proxy_port"], admin_port=record["admin_port"],
+            app_port=record.get("app_port"), exit=None if running else self._exit_info(record),
+        )
+
+    def _exit_info(self, record: dict) -> ExitInfo:
+        code = None
+        try:
+            status = json.loads(Path(record["status"]).read_text())
+            code = status.get("exit_code")
+        except (OSError, json.JSONDecodeError):
+            pass
+        with self._lock:
+            child = self._children.get(record["id"])
+        if code is None and child is not None and child.returncode is not None:
+            code = child.returncode if child.returncode >= 0 else 128 - child.returncode
+        reason = "Completed" if code == 0 else ("Error" if code is not None else "Unknown")
+        at = Path(record["status"]).stat().st_mtime if Path(record["status"]).exists() else time.time()
+        return ExitInfo(code=code, reason=reason, at=at, log_tail=self._tail(record))
+
+    def _tail(self, record: dict) -> list[str]:
+        lines = self._config.timings.exit_log_lines
+        try:
+            with open(record["log"], "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - 64 * 1024))
+                return handle.read().decode(errors="replace").splitlines()[-lines:] if lines else []
+        except OSError:
+            return []
+
+    def list(self) -> list[Handle]:
+        return [self._handle(record) for path in sorted(self._records.glob("*.json"))
+                if not path.name.endswith(".status.json") and (record := self._read(path.stem))]
+
+    def inspect(self, instance_id: str) -> Handle | None:
+        record = self._read(instance_id)
+        return None if record is None else self._handle(record)
+
+    def stop(self, instance_id: str, grace_s: float) -> None:
+        record = self._read(instance_id)
+        if record is None or not self._alive(record):
+            return
+        self._signal(record, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self._alive(record) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._alive(record):
+            self._signal(record, signal.SIGKILL)
+            while self._alive(record):
+                time.sleep(0.05)
+
+    @staticmethod
+    def _signal(record: dict, signum: int) -> None:
+        try:
+            os.killpg(record["pid"], signum)  # the whole session: berth boot and its child
+        except ProcessLookupError:
+            pass
+
+    def remove(self, instance_id: str) -> None:
+        record = self._read(instance_id)
+        if record is not None:
+            self.stop(instance_id, 0)
+            for path in (self._record_path(instance_id), Path(record["status"])):
+                path.unlink(missing_ok=True)
+        with self._lock:
+            self._children.pop(instance_id, None)
+
+    def logs(self, instance_id: str, *, tail: int | None, follow: bool) -> Iterator[bytes]:
+        record = self._read(instance_id)
+        if record is None:
+            return
+        with open(record["log"], "rb") as handle:
+            lines = handle.read().splitlines(keepends=True)
+            yield b"".join(lines if tail is None else lines[-tail:] if tail else [])
+            while follow and self._alive(record):
+                chunk = handle.read()
+                if chunk:
+                    yield chunk
+                else:
+                    time.sleep(0.2)
+            if follow:
+                yield handle.read()
+
+    def watch_exits(self, on_exit: Callable[[str], None], stopped: Callable[[], bool]) -> None:
+        """Processes adopted after an agent restart are not its children: poll them all."""
+        reported: set[tuple[str, float]] = set()  # ids are reused by restarts; start times are not
+        while not stopped():
+            for handle in self.list():
+                if not handle.running and (handle.id, handle.created_at) not in reported:
+                    reported.add((handle.id, handle.created_at))
+                    on_exit(handle.id)
+            time.sleep(self._config.timings.process_poll_s)
+
+    def node_info(self) -> dict:
+        return {"engine": f"local processes (Python {sys.version.split()[0]})", "images": []}
+
+    def close(self) -> None:
+        return None

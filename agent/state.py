@@ -1,0 +1,133 @@
+"""The agent's own memory, in SQLite under the state directory: desired specs, revisions, events.
+
+What runs is not stored here: the runtime (Docker's labels) is the source of truth for that.
+What is stored is what the runtime cannot know: the specs the operator asked for (secrets
+included, hence mode 0600), each service's past revisions (for rollbacks), per-instance
+restart counts, last exits and GPU assignments, and the event log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS services (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, revision TEXT NOT NULL,
+    deleting INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS revisions (
+    service TEXT NOT NULL, revision TEXT NOT NULL, spec TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (service, revision));
+CREATE TABLE IF NOT EXISTS instances (
+    service TEXT NOT NULL, slot INTEGER NOT NULL, restarts INTEGER NOT NULL DEFAULT 0,
+    last_exit TEXT, gpus TEXT NOT NULL DEFAULT '[]', PRIMARY KEY (service, slot));
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, service TEXT, instance TEXT,
+    kind TEXT NOT NULL, message TEXT NOT NULL);
+"""
+
+
+@dataclass
+class StoredService:
+    name: str
+    spec: dict[str, Any]  # secrets revealed: never return this to a client as it is
+    revision: str
+    deleting: bool
+    created: float
+
+
+@dataclass
+class StoredInstance:
+    restarts: int
+    last_exit: dict | None
+    gpus: list[str]
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- services -----------------------------------------------------------------------------
+
+    def put_service(self, name: str, spec: dict[str, Any], revision: str) -> None:
+        now = time.time()
+        text = json.dumps(spec)
+        self._run(
+            "INSERT INTO services (name, spec, revision, created, updated) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, revision=excluded.revision, updated=excluded.updated, deleting=0",
+            (name, text, revision, now, now),
+        )
+        self._run("INSERT OR IGNORE INTO revisions VALUES (?, ?, ?, ?)", (name, revision, text, now))
+
+    def services(self) -> list[StoredService]:
+        rows = self._run("SELECT name, spec, revision, deleting, created FROM services ORDER BY name")
+        return [StoredService(name, json.loads(spec), rev, bool(deleting), created) for name, spec, rev, deleting, created in rows]
+
+    def mark_deleting(self, name: str) -> None:
+        self._run("UPDATE services SET deleting=1 WHERE name=?", (name,))
+
+    def delete_service(self, name: str) -> None:
+        self._run("DELETE FROM services WHERE name=?", (name,))
+        self._run("DELETE FROM instances WHERE service=?", (name,))
+        self._run("DELETE FROM revisions WHERE service=?", (name,))
+
+    # --- instances ----------------------------------------------------------------------------
+
+    def instance(self, service: str, slot: int) -> StoredInstance:
+        rows = self._run("SELECT restarts, last_exit, gpus FROM instances WHERE service=? AND slot=?", (service, slot))
+        if not rows:
+            return StoredInstance(0, None, [])
+        restarts, last_exit, gpus = rows[0]
+        return StoredInstance(restarts, json.loads(last_exit) if last_exit else None, json.loads(gpus))
+
+    def put_instance(self, service: str, slot: int, record: StoredInstance) -> None:
+        self._run(
+            "INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?)",
+            (service, slot, record.restarts, json.dumps(record.last_exit) if record.last_exit else None, json.dumps(record.gpus)),
+        )
+
+    def drop_instance(self, service: str, slot: int) -> None:
+        self._run("DELETE FROM instances WHERE service=? AND slot=?", (service, slot))
+
+    # --- events -------------------------------------------------------------------------------
+
+    def add_event(self, kind: str, message: str, service: str | None = None, instance: str | None = None) -> dict:
+        at = time.time()
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO events (at, service, instance, kind, message) VALUES (?, ?, ?, ?, ?)",
+                (at, service, instance, kind, message),
+            )
+            event_id = cursor.lastrowid
+        return {"id": event_id, "at": at, "service": service, "instance": instance, "kind": kind, "message": message}
+
+    def events(self, *, since: int = 0, service: str | None = None, limit: int = 1000) -> list[dict]:
+        sql = "SELECT id, at, service, instance, kind, message FROM events WHERE id > ?"
+        args: tuple = (since,)
+        if service:
+            sql += " AND service = ?"
+            args += (service,)
+        rows = self._run(sql + " ORDER BY id DESC LIMIT ?", args + (limit,))
+        keys = ("id", "at", "service", "instance", "kind", "message")
+        return [dict(zip(keys, row)) for row in reversed(rows)]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
