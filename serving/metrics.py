@@ -12,12 +12,14 @@ import asyncio
 from typing import Callable
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serving.state import BootState, State
 
 # Buckets in seconds: sub-millisecond for the proxy's own cost, minutes for LLM streams.
+disable_created_metrics()  # *_created series double the output and tell an autoscaler nothing
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 

@@ -1,0 +1,194 @@
+"""The proxy on a real port in front of the suite's app, both real processes: streaming,
+limits (413/504/401/503), the upstream keep-alive race, forwarding headers, WebSocket."""
+
+from __future__ import annotations
+
+import http.client as httpclient
+import json
+import re
+import socket
+import threading
+import time
+
+import aiohttp
+import asyncio
+import pytest
+
+from tests.apps.runner import Boot, http
+from tests.harness.parts import wait_until
+
+
+@pytest.fixture
+def boot(tmp_path, request):
+    marker = request.node.get_closest_marker("boot")
+    flags, env = (marker.args if marker else ()), (marker.kwargs.get("env") if marker else None)
+    process = Boot(tmp_path, *flags, env=env)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.close()
+
+
+def test_server_sent_events_pass_chunk_by_chunk(boot):
+    """Each event reaches the client within 50 ms of the app writing it (no buffering)."""
+    with socket.create_connection(("127.0.0.1", boot.proxy_port)) as sock:
+        sock.sendall(b"GET /stream?n=8&gap=0.15 HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+        received, data = [], b""
+        while b"[DONE]" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, "the stream ended early"
+            now = time.time()
+            data += chunk
+            for written in re.findall(rb"data: \d+ (\d+\.\d+)", chunk):
+                received.append(now - float(written))
+    assert len(received) == 8
+    assert max(received) < 0.05, f"event delays {received}"
+    assert b"transfer-encoding: chunked" in data.lower()
+
+
+def test_request_body_over_the_limit_gets_413(tmp_path):
+    boot = Boot(tmp_path, "--max-body", "1Ki")
+    try:
+        boot.wait_ready()
+        assert http("POST", boot.proxy + "/echo", body=b"x" * 1024)[0] == 200
+        assert http("POST", boot.proxy + "/echo", body=b"x" * 1025)[0] == 413
+        # A chunked body has no Content-Length to check up front: counted as it arrives.
+        conn = httpclient.HTTPConnection("127.0.0.1", boot.proxy_port, timeout=5)
+        conn.request("POST", "/echo", body=iter([b"y" * 700, b"y" * 700]), encode_chunked=True)
+        assert conn.getresponse().status == 413
+    finally:
+        boot.close()
+
+
+def test_slow_answer_gets_504_after_the_request_timeout(tmp_path):
+    boot = Boot(tmp_path, "--request-timeout", "0.5")
+    try:
+        boot.wait_ready()
+        started = time.monotonic()
+        status, _, body = http("GET", boot.proxy + "/slow?s=3")
+        assert status == 504, body
+        assert time.monotonic() - started < 2
+        assert http("GET", boot.proxy + "/slow?s=0.1")[0] == 200
+    finally:
+        boot.close()
+
+
+def test_service_token_is_required_and_never_shown(tmp_path):
+    token = "tok-3f9a-secret"
+    boot = Boot(tmp_path, env={"BERTH_SERVICE_TOKEN": token})
+    try:
+        boot.wait_ready()
+        status, headers, _ = http("GET", boot.proxy + "/echo")
+        assert status == 401 and headers.get("WWW-Authenticate") == "Bearer"
+        assert http("GET", boot.proxy + "/echo", headers={"Authorization": "wrong"})[0] == 401
+        assert http("GET", boot.proxy + "/echo", headers={"Authorization": token})[0] == 200
+        assert http("GET", boot.proxy + "/echo", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        # The child does not get the token in its environment; /status and logs never show it.
+        status_text = http("GET", boot.admin + "/status")[2].decode()
+        boot.signal()
+        assert boot.wait() == 0
+        assert token not in status_text and token not in boot.output() and token not in boot.status_file.read_text()
+    finally:
+        boot.close()
+
+
+def test_before_ready_requests_get_503_with_retry_after(tmp_path):
+    boot = Boot(tmp_path, app_args=("--start-delay", "1.5"))
+    try:
+        wait_until(lambda: boot.ready_status() == 503, 10, "the admin port answering 503")
+        status, headers, body = http("GET", boot.proxy + "/")
+        assert status == 503 and headers["Retry-After"] == "1", body
+        assert b"not ready" in body
+        boot.wait_ready()
+        assert http("GET", boot.proxy + "/")[0] == 200
+    finally:
+        boot.close()
+
+
+def test_wait_ready_holds_requests_until_ready(tmp_path):
+    boot = Boot(tmp_path, "--wait-ready", "10", app_args=("--start-delay", "1"))
+    try:
+        wait_until(lambda: boot.ready_status() == 503, 10, "the admin port answering 503")
+        assert http("GET", boot.proxy + "/", timeout=15)[0] == 200
+    finally:
+        boot.close()
+
+
+def test_concurrency_limit_queues_then_refuses_with_503(tmp_path):
+    boot = Boot(tmp_path, "--concurrency", "1", "--queue", "1")
+    try:
+        boot.wait_ready()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(http("GET", boot.proxy + "/slow?s=1")[0])) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: boot.status()["queued"] == 1, 5, "one request queued")
+        status, headers, _ = http("GET", boot.proxy + "/")
+        assert status == 503 and "Retry-After" in headers
+        for thread in threads:
+            thread.join()
+        assert results == [200, 200]  # the queued one waited its turn
+    finally:
+        boot.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_pooled_connection_closed_by_the_child_is_not_a_502(boot, method):
+    """The keep-alive race: the child closes a pooled connection as the proxy sends on it."""
+    conn = httpclient.HTTPConnection("127.0.0.1", boot.proxy_port, timeout=5)
+    for _ in range(5):
+        conn.request("GET", "/arm-close")
+        assert conn.getresponse().read() == b"armed"
+        conn.request(method, "/echo", body=b"payload" if method == "POST" else None)
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        assert json.loads(response.read())["method"] == method
+
+
+def test_forwarding_headers_and_keep_alive(boot):
+    conn = httpclient.HTTPConnection("127.0.0.1", boot.proxy_port, timeout=5)
+    for _ in range(3):  # one client connection, several requests
+        conn.request("GET", "/echo?a=1", headers={"X-Forwarded-For": "10.0.0.7", "Connection": "keep-alive"})
+        response = conn.getresponse()
+        echoed = json.loads(response.read())
+    assert echoed["path"] == "/echo?a=1"
+    assert echoed["headers"]["X-Forwarded-For"] == "10.0.0.7, 127.0.0.1"
+    assert echoed["headers"]["X-Forwarded-Proto"] == "http"
+
+
+def test_client_that_disconnects_cancels_its_upstream_request(boot):
+    with socket.create_connection(("127.0.0.1", boot.proxy_port)) as sock:
+        sock.sendall(b"GET /slow?s=5 HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: boot.status()["inflight"] == 1, 5, "the request in flight")
+    wait_until(lambda: boot.status()["inflight"] == 0, 2, "the proxy dropping the request")
+    wait_until(lambda: json.loads(http("GET", boot.proxy + "/counters")[2])["slow_abandoned"] == 1, 2, "the app seeing it dropped")
+
+
+def test_metrics_show_inflight_average_and_status_codes(boot):
+    assert http("GET", boot.proxy + "/")[0] == 200
+    thread = threading.Thread(target=http, args=("GET", boot.proxy + "/slow?s=2.5"))
+    thread.start()
+    time.sleep(2.2)
+    metrics = http("GET", boot.admin + "/metrics")[2].decode()
+    thread.join()
+    assert "berth_inflight_requests 1.0" in metrics
+    average = float(re.search(r"^berth_inflight_requests_avg (\S+)$", metrics, re.M).group(1))
+    assert 0.9 <= average <= 1.0
+    assert re.search(r'^berth_requests_total\{code="200"\} \d', metrics, re.M)
+    assert 'berth_state{berth_state="READY"} 1.0' in metrics
+    assert re.search(r"^berth_child_rss_bytes [1-9]", metrics, re.M)
+    assert 'berth_phase_duration_seconds{phase="launch"}' in metrics
+
+
+def test_websocket_passes_through(boot):
+    async def talk() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(boot.proxy + "/ws") as ws:
+                replies = []
+                for word in ("one", "two"):
+                    await ws.send_str(word)
+                    replies.append((await ws.receive(timeout=5)).data)
+                return replies
+
+    assert asyncio.run(talk()) == ["echo: one", "echo: two"]
