@@ -92,51 +92,51 @@ class DockerRuntime:
 
     def start(self, request: LaunchRequest) -> Handle:
         self._remove_by_name(request.name)
+        api = self._client.api
         try:
-            container = self._client.containers.create(**self._create_args(request))
+            created = api.create_container(**self._create_args(request))
         except ImageNotFound:
             raise LaunchError(f"image {request.image} is not present on the node", reason="ErrImageNeverPull") from None
         except APIError as exc:
             raise LaunchError(f"creating the container failed: {exc.explanation or exc}", permanent=True) from None
         try:
-            container.start()
+            api.start(created["Id"])
         except APIError as exc:
             message = str(exc.explanation or exc)
-            container.remove(force=True)
+            api.remove_container(created["Id"], v=True, force=True)
             if "executable file not found" in message and '"berth"' in message:
                 raise LaunchError(f"{request.image}: {NO_BERTH_HINT}", permanent=True) from None
             raise LaunchError(f"starting the container failed: {message}", permanent=True) from None
-        container.reload()
-        return self._handle(container.attrs)
+        return self._handle(api.inspect_container(created["Id"]))
 
     def _create_args(self, request: LaunchRequest) -> dict:
-        ports: dict[str, tuple[str, int | None]] = {}
+        """Arguments of the Engine API's create (the low-level call: it alone sets StopTimeout)."""
         environment = dict(request.env)
+        bindings: dict[int, tuple[str]] = {}
         host_mode = request.network == "host"
         if host_mode:
             environment["BERTH_PROXY_PORT"] = str(request.proxy_port)
             environment["BERTH_ADMIN_PORT"] = str(request.admin_port)
         elif request.bootstrap:
-            ports = {f"{PROXY_PORT}/tcp": (request.host_ip, None), f"{ADMIN_PORT}/tcp": (request.host_ip, None)}
+            bindings = {PROXY_PORT: (request.host_ip,), ADMIN_PORT: (request.host_ip,)}  # host port chosen by Docker
         else:
-            ports = {f"{request.app_port}/tcp": (request.host_ip, None)}
-        mounts = [self._mount(mount) for mount in request.mounts]
-        mounts += self._secret_mounts(request)
-        args = dict(
-            image=request.image,
-            name=request.name,
-            labels=request.labels,
-            environment=environment,
-            ports=ports or None,
+            bindings = {request.app_port: (request.host_ip,)}
+        host_config = self._client.api.create_host_config(
+            port_bindings=bindings or None,
             network_mode="host" if host_mode else None,
-            mounts=mounts,
+            mounts=[self._mount(mount) for mount in request.mounts] + self._secret_mounts(request),
             restart_policy={"Name": "no"},
-            stop_signal="SIGTERM",
-            stop_timeout=request.grace_s,
             shm_size=request.shm_bytes,
             mem_limit=request.memory_bytes,
             nano_cpus=int(request.cpu * 1e9) if request.cpu else None,
-            init=False,  # berth boot is PID 1 and reaps its own children
+            device_requests=[DeviceRequest(driver="nvidia", device_ids=list(request.gpus), capabilities=[["gpu"]])]
+            if request.gpus else None,
+            devices=["/dev/fuse:/dev/fuse:rwm"] if request.fuse else None,
+            cap_add=["SYS_ADMIN"] if request.fuse else None,
+        )
+        args = dict(
+            image=request.image, name=request.name, labels=request.labels, environment=environment,
+            ports=list(bindings) or None, host_config=host_config, stop_signal="SIGTERM", stop_timeout=request.grace_s,
             detach=True,
         )
         if request.bootstrap:
@@ -144,11 +144,6 @@ class DockerRuntime:
             args["command"] = request.argv[2:] or self._image_command(request.image)
         elif request.argv:
             args["command"] = request.argv
-        if request.gpus:
-            args["device_requests"] = [DeviceRequest(driver="nvidia", device_ids=list(request.gpus), capabilities=[["gpu"]])]
-        if request.fuse:
-            args["devices"] = ["/dev/fuse:/dev/fuse:rwm"]
-            args["cap_add"] = ["SYS_ADMIN"]
         return args
 
     def _image_command(self, image: str) -> list[str]:

@@ -324,15 +324,16 @@ class Supervisor:
         if policy == "Never" and not await asyncio.to_thread(self.runtime.has_image, container.image):
             self._set(inst, State.FAILED, f"ErrImageNeverPull: {container.image} is not on the node and the pull policy is Never")
             return False
-        self._set(inst, State.PULLING, f"image {container.image}")
-        try:
-            await asyncio.to_thread(
-                self.runtime.ensure_image, container.image, always=policy == "Always",
-                auth=svc.spec.docker_auth.get_secret_value() if svc.spec.docker_auth else None,
-                progress=lambda message: self._from_thread(self._event, "Pulling", message, svc.name, inst),
-            )
-        except PullError as exc:
-            return await self._cannot_start(svc, inst, f"ErrImagePull: {exc}", permanent=exc.permanent)
+        if policy == "Always" or not await asyncio.to_thread(self.runtime.has_image, container.image):
+            self._set(inst, State.PULLING, f"image {container.image}")
+            try:
+                await asyncio.to_thread(
+                    self.runtime.ensure_image, container.image, always=policy == "Always",
+                    auth=svc.spec.docker_auth.get_secret_value() if svc.spec.docker_auth else None,
+                    progress=lambda message: self._from_thread(self._event, "Pulling", message, svc.name, inst),
+                )
+            except PullError as exc:
+                return await self._cannot_start(svc, inst, f"ErrImagePull: {exc}", permanent=exc.permanent)
         self._set(inst, State.STARTING, "")
         request = launch.build_request(svc.spec, svc.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports)
         try:
