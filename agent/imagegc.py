@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from bootstrap.units import format_bytes
 
@@ -137,8 +137,12 @@ class ImageGc:
         for gone in set(self._seen) - present:
             del self._seen[gone]
 
-    def collect(self) -> GcResult:
-        """Remove unused images when the image filesystem is past the high threshold."""
+    def collect(self, keep: Iterable[str] = ()) -> GcResult:
+        """Remove unused images when the image filesystem is past the high threshold.
+
+        `keep`: references of images wanted though no container uses them right now (a service
+        in backoff between two containers), which a removal would only make pull again.
+        """
         started = time.monotonic()
         self.observe()
         usage = self._filesystem_usage()
@@ -150,7 +154,7 @@ class ImageGc:
             "image filesystem %.1f%% used (high threshold %.0f%%): freeing %s to reach %.0f%%",
             usage.percent, self.policy.high_threshold_percent, format_bytes(result.bytes_to_free), self.policy.low_threshold_percent,
         )
-        candidates, kept = self._candidates()
+        candidates, kept = self._candidates(self._image_ids(keep))
         for image, unused_for in candidates:
             if result.freed_bytes >= result.bytes_to_free:
                 break
@@ -167,10 +171,10 @@ class ImageGc:
             log.info("image GC freed %s in %.1f s (%d images)", format_bytes(result.freed_bytes), result.took_s, len(result.removed))
         return result
 
-    def _candidates(self) -> tuple[list[tuple[dict[str, Any], float]], str]:
+    def _candidates(self, wanted: set[str]) -> tuple[list[tuple[dict[str, Any], float]], str]:
         """Removable images, least recently active first, and a note on what was kept."""
         now = self._clock()
-        in_use = set(self._used_image_ids())
+        in_use = set(self._used_image_ids()) | wanted
         images = self.client.api.images()
         parents = {image["ParentId"] for image in images if image.get("ParentId")}
         candidates, young, used = [], 0, 0
@@ -187,7 +191,7 @@ class ImageGc:
                 continue
             candidates.append((image, unused_for))
         candidates.sort(key=lambda pair: -pair[1])
-        return candidates, f"{used} in use or a base of another image, {young} unused for less than {self.policy.min_age_s:.0f} s"
+        return candidates, f"{used} in use, wanted or a base of another image, {young} unused for less than {self.policy.min_age_s:.0f} s"
 
     def _remove(self, image: dict[str, Any], unused_for: float) -> RemovedImage | None:
         import docker.errors
@@ -206,6 +210,17 @@ class ImageGc:
         removed = RemovedImage(image["Id"], tuple(references), int(image.get("Size") or 0), unused_for)
         log.info("removed image %s (%s, unused for %.0f s)", ", ".join(references) or image["Id"], format_bytes(removed.size_bytes), unused_for)
         return removed
+
+    def _image_ids(self, references: Iterable[str]) -> set[str]:
+        import docker.errors
+
+        ids = set()
+        for reference in references:
+            try:
+                ids.add(self.client.api.inspect_image(reference)["Id"])
+            except docker.errors.NotFound:
+                continue  # not pulled (yet): nothing to keep
+        return ids
 
     def _used_image_ids(self) -> list[str]:
         return [container["ImageID"] for container in self.client.api.containers(all=True)]

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from docker.types import Mount
 
 from agent.disk import (
     DISK_LIMIT_EXCEEDED,
@@ -22,6 +23,7 @@ from tests.harness.parts import wait_until
 
 LAYER_MIB = 24
 SCRATCH_MIB = 8
+VOLUME_MIB = 4
 
 
 @pytest.fixture
@@ -43,23 +45,25 @@ def containers(docker_client):
 
 @pytest.fixture(scope="module")
 def filled(docker_client, base_image: str, tmp_path_factory: pytest.TempPathFactory):
-    """A running container that wrote LAYER_MIB into its writable layer, SCRATCH_MIB into an
-    empty_dir (a host directory mounted at /scratch) and a few log lines."""
+    """A running container that wrote LAYER_MIB into its writable layer, SCRATCH_MIB and
+    VOLUME_MIB into two empty_dirs (a host directory bound at /scratch, an anonymous Docker
+    volume at /volume, the agent's way) and a few log lines."""
     scratch = tmp_path_factory.mktemp("empty-dir")
     script = (
         f"dd if=/dev/urandom of=/fill bs=1M count={LAYER_MIB} status=none && "
         f"dd if=/dev/urandom of=/scratch/fill bs=1M count={SCRATCH_MIB} status=none && "
+        f"dd if=/dev/urandom of=/volume/fill bs=1M count={VOLUME_MIB} status=none && "
         "seq 1 2000 && touch /done && exec sleep 300"
     )
     container = docker_client.containers.run(
         base_image, ["sh", "-c", script], name=f"berth-test-disk-{uuid.uuid4().hex[:8]}", detach=True,
-        volumes={str(scratch): {"bind": "/scratch", "mode": "rw"}},
+        mounts=[Mount("/scratch", str(scratch), type="bind"), Mount("/volume", None, type="volume")],
     )
     try:
         wait_until(lambda: container.exec_run(["test", "-f", "/done"]).exit_code == 0, 60, "the container's writes")
         yield container
     finally:
-        container.remove(force=True)
+        container.remove(v=True, force=True)
 
 
 def test_the_quota_path_is_detected_by_asking_the_engine(docker_client, base_image: str) -> None:
@@ -88,12 +92,13 @@ def test_the_engine_enforces_the_quota_where_supported(docker_client, base_image
 
 
 def test_measuring_sees_the_writable_layer_the_empty_dir_and_the_logs(docker_client, filled) -> None:
-    usage = measure_instance_disk(docker_client, filled.id, ["/scratch", "/not-mounted"])
+    usage = measure_instance_disk(docker_client, filled.id, ["/scratch", "/volume", "/not-mounted"])
     assert LAYER_MIB * MIB <= usage.writable_layer < (LAYER_MIB + 2) * MIB
     assert SCRATCH_MIB * MIB <= usage.empty_dirs["/scratch"] < (SCRATCH_MIB + 1) * MIB
+    assert VOLUME_MIB * MIB <= usage.empty_dirs["/volume"] < (VOLUME_MIB + 1) * MIB
     assert "/not-mounted" not in usage.empty_dirs
     assert usage.logs > 0  # 2000 lines of seq in the json-file log
-    assert usage.total == usage.writable_layer + usage.empty_dirs["/scratch"] + usage.logs
+    assert usage.total == usage.writable_layer + sum(usage.empty_dirs.values()) + usage.logs
     assert "writable layer 24.0 MiB" in usage.describe()
 
 

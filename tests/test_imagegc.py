@@ -52,18 +52,19 @@ def _exists(docker_client, reference: str) -> bool:
 
 def test_gc_removes_unused_images_and_never_one_in_use(docker_client, base_image: str, throwaway) -> None:
     unused = [throwaway(f"old-{n}") for n in range(3)]
-    created, running = throwaway("created"), throwaway("running")
+    created, running, wanted = throwaway("created"), throwaway("running"), throwaway("wanted")
     throwaway.use(created, start=False)
     throwaway.use(running, start=True)
     # Thresholds lowered by configuration so this disk is "full": free everything that may go.
     policy = ImageGcPolicy(high_threshold_percent=1, low_threshold_percent=0, min_age_s=0, repositories=(f"{throwaway.repository}:*",))
 
-    result = ImageGc(docker_client, policy).collect()
+    result = ImageGc(docker_client, policy).collect(keep=[wanted, "berth-gctest-never-pulled:1"])
 
     assert result.bytes_to_free > 0
     assert sorted(ref for image in result.removed for ref in image.references) == sorted(unused)
     assert not any(_exists(docker_client, reference) for reference in unused)
     assert _exists(docker_client, created) and _exists(docker_client, running)
+    assert _exists(docker_client, wanted)  # a service in backoff between containers still wants it
     assert _exists(docker_client, base_image)
 
 
