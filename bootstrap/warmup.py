@@ -107,12 +107,16 @@ def load_file(path: Path) -> list[WarmupRequest]:
         raw = path.read_bytes()
     except OSError as exc:
         raise WarmupError(f"warmup file {path}: {exc.strerror or exc}") from None
-    if raw[:1] not in (b"{", b"\n", b" ", b"#", b"\r", b"\t"):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text.lstrip()[:1] not in ("{", "#"):
         raise WarmupError(
             f"warmup file {path}: not JSON lines. EAS's SDK-serialized warmup files (protobuf) are not read by "
             f"berth; write one JSON object per line with keys {', '.join(KEYS)}"
         )
-    return parse_lines(raw.decode(errors="replace").splitlines(), str(path), path.parent)
+    return parse_lines(text.splitlines(), str(path), path.parent)
 
 
 async def replay(requests: list[WarmupRequest], base_url: str) -> list[dict]:
