@@ -120,6 +120,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             parser.add_argument(setting.flag, action="store_const", const=True, default=None, help=help_text)
         else:
             parser.add_argument(setting.flag, default=None, metavar=setting.metavar, help=help_text)
+    parser.add_argument("--vllm", metavar="MODEL_DIR", help="serve MODEL_DIR with vLLM's OpenAI-compatible server; extra "
+                        "engine arguments follow '--' (a spec command `vllm serve ...` is handled the same way)")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the service's command")
     parser.set_defaults(handler=run_boot)
 
@@ -222,9 +224,9 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
     from serving.proxy import ProxyConfig
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command and spec is not None:
+    if not command and spec is not None and not args.vllm:
         command = spec.container.argv or []
-    if not command:
+    if not command and not args.vllm:
         raise UsageError("no command to run: give it after '--' (berth boot -- python app.py) or in the spec's containers[0].command")
     child_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
     if spec is not None:
@@ -236,8 +238,12 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
             header_timeout=values["header_timeout"], concurrency=values["concurrency"], queue=values["queue"],
             token=service_token(env), wait_ready=values["wait_ready"], upstream_idle=values["upstream_idle"],
         )
+    from serving.vllm import engine_for
+
+    engine = engine_for(args.vllm, command, service_name=spec.metadata.name if spec else None, env=child_env,
+                        cache_dir=values["cache_dir"], stop_timeout_s=min(values["stop_timeout"], values["grace"]))
     config = BootConfig(
-        engine=UserCommand(command), spec=spec, app_port=values["port"], proxy=proxy, proxy_port=values["proxy_port"],
+        engine=engine or UserCommand(command), spec=spec, app_port=values["port"], proxy=proxy, proxy_port=values["proxy_port"],
         admin_port=values["admin_port"], warmup_file=warmup_file(values["warmup"], spec), warmup_policy=values["warmup_policy"],
         drain_delay=values["drain_delay"], grace=values["grace"], stop_timeout=values["stop_timeout"],
         startup_timeout=values["startup_timeout"], probe_interval=values["probe_interval"], cache_dir=values["cache_dir"],

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from serving.engine import EngineLoad, Engine, Launch
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # The distributions that carry vLLM: the CUDA build, and PyPI's CPU build.
@@ -291,26 +293,14 @@ LOAD_METRICS = {"vllm:num_requests_running": "running", "vllm:num_requests_waiti
 SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
-@dataclass
-class EngineLoad:
-    running: int = 0
-    waiting: int = 0
-
-    @property
-    def busy(self) -> bool:
-        return self.running + self.waiting > 0
-
-
 def engine_load(metrics_text: str) -> EngineLoad:
     """Requests vLLM is running and queueing, summed over its label sets, from its /metrics."""
-    load = EngineLoad()
+    counts = dict.fromkeys(LOAD_METRICS.values(), 0)
     for line in metrics_text.splitlines():
         match = SAMPLE.match(line)
-        if not match or match.group(1) not in LOAD_METRICS:
-            continue
-        attribute = LOAD_METRICS[match.group(1)]
-        setattr(load, attribute, getattr(load, attribute) + int(float(match.group(3))))
-    return load
+        if match and match.group(1) in LOAD_METRICS:
+            counts[LOAD_METRICS[match.group(1)]] += int(float(match.group(3)))
+    return EngineLoad(**counts)
 
 
 def reexported_metrics(metrics_text: str) -> str:
@@ -330,41 +320,149 @@ def reexported_metrics(metrics_text: str) -> str:
     return "\n".join(kept) + ("\n" if kept else "")
 
 
-# --- GPU preflight -------------------------------------------------------------------------
+# --- the engine ------------------------------------------------------------------------------
 
-PREFLIGHT = """
-import sys
-try:
-    import torch
-except ImportError:
-    sys.exit(0)
-count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-if count == 0:
-    torch.cuda.init()  # raises with the driver's own message when CUDA is there but broken
-for index in range(count):
-    a = torch.ones((256, 256), device=f"cuda:{index}")
-    product = float((a @ a)[0, 0])
-    assert product == 256.0, f"cuda:{index} computed a wrong matrix product ({product} for 256.0)"
-print(count)
-"""
+# vLLM needs a moment after its shutdown timeout to stop its engine processes before SIGKILL.
+SHUTDOWN_MARGIN_S = 2.0
+METRICS_TIMEOUT_S = 2.0
+
+
+class VllmEngine(Engine):
+    """vLLM's OpenAI-compatible server, as `berth boot` runs it."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        command: VllmCommand,
+        *,
+        service_name: str | None,
+        env: Mapping[str, str],
+        cache_dir: Path,
+        stop_timeout_s: float,
+        python: str = sys.executable,
+    ) -> None:
+        self.command = command
+        self.served_name = served_model_name(command, service_name)
+        self.gpus = visible_gpus(env)
+        self.env = dict(env)
+        self.cache_dir = cache_dir
+        # The drain has let in-flight requests finish by the time the engine gets SIGTERM;
+        # what is left of the grace period is the stop timeout, which vLLM may use whole.
+        self.shutdown_timeout_s = max(0.0, stop_timeout_s - SHUTDOWN_MARGIN_S)
+        self.python = python
+
+    def launch(self, port: int) -> Launch:
+        argv = engine_argv(
+            self.command, port=port, served_name=self.served_name, visible_gpus=self.gpus,
+            shutdown_timeout_s=self.shutdown_timeout_s, python=self.python,
+        )
+        if self.gpus:
+            argv = [self.python, "-m", "serving.vllm", "preflight", "--", *argv]
+        key = compile_cache_key(engine_versions(), accelerator_kind(self.gpus, self.env))
+        return Launch(argv, compile_cache_env(self.cache_dir, key, self.env))
+
+    def warmup_profile(self) -> list[str]:
+        return [json.dumps(entry) for entry in warmup_profile(self.served_name, max_model_len(self.command))]
+
+    async def load(self, port: int) -> EngineLoad | None:
+        text = await _engine_metrics(port)
+        return None if text is None else engine_load(text)
+
+    async def metrics_text(self, port: int) -> str:
+        text = await _engine_metrics(port)
+        return "" if text is None else reexported_metrics(text)
+
+
+async def _engine_metrics(port: int) -> str | None:
+    import aiohttp
+
+    try:
+        timeout = aiohttp.ClientTimeout(total=METRICS_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                return await response.text() if response.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+def engine_for(
+    model_dir: str | None,
+    command: Sequence[str],
+    *,
+    service_name: str | None,
+    env: Mapping[str, str],
+    cache_dir: Path,
+    stop_timeout_s: float,
+) -> VllmEngine | None:
+    """The vLLM engine for `--vllm MODEL_DIR [-- extra args]`, or for a command that runs vLLM's
+    server (the spec's `command` arrives as `sh -c LINE`); None for any other command."""
+    from bootstrap.errors import UsageError
+
+    if model_dir:
+        vllm_command = VllmCommand(model_dir, tuple(command))
+    else:
+        line: str | Sequence[str] = command[2] if len(command) == 3 and list(command[:2]) == ["sh", "-c"] else command
+        try:
+            vllm_command = parse_command(line)
+        except VllmCommandError as exc:
+            raise UsageError(str(exc)) from None
+        if vllm_command is None:
+            return None
+    return VllmEngine(vllm_command, service_name=service_name, env=env, cache_dir=cache_dir, stop_timeout_s=stop_timeout_s)
+
+
+# --- GPU preflight -------------------------------------------------------------------------
 
 
 class PreflightFailed(RuntimeError):
     """A visible GPU did not initialize or compute; the message is the driver's."""
 
 
-def gpu_preflight(env: Mapping[str, str], python: str = sys.executable, timeout_s: float = 120) -> None:
-    """Initialize every visible GPU and run a small matrix product on each, in a child process.
+def gpu_preflight() -> int:
+    """Initialize every visible GPU and multiply a small matrix on each; the number checked.
 
-    A child, because a CUDA context made in the bootstrap would hold GPU memory for its whole
-    life. Skipped when torch is not importable (the engine would not use the GPU either).
+    Skipped (0) when torch is not importable: the engine could not use the GPU either.
     """
     try:
-        result = subprocess.run(
-            [python, "-c", PREFLIGHT], env=dict(env), capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired:
-        raise PreflightFailed(f"GPU preflight did not finish within {timeout_s:.0f} s") from None
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        raise PreflightFailed(f"GPU preflight failed: {lines[-1] if lines else f'exit {result.returncode}'}")
+        import torch
+    except ImportError:
+        return 0
+    try:
+        if not torch.cuda.is_available():
+            torch.cuda.init()  # raises with the driver's own message, e.g. "Failed to initialize NVML"
+        count = torch.cuda.device_count()
+        for index in range(count):
+            ones = torch.ones((256, 256), device=f"cuda:{index}")
+            product = float((ones @ ones)[0, 0])
+            if product != 256.0:
+                raise PreflightFailed(f"cuda:{index} computed a wrong matrix product ({product} for 256.0)")
+    except PreflightFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raised is the message
+        raise PreflightFailed(f"{type(exc).__name__}: {exc}") from None
+    return count
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m serving.vllm preflight -- ENGINE ARGV`: check the GPUs, then become the engine.
+
+    The check runs in the child rather than in the bootstrap so that SIGTERM during it is
+    handled like any child's, and the CUDA contexts it made vanish with the exec.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:2] != ["preflight", "--"] or len(args) < 3:
+        print("usage: python -m serving.vllm preflight -- ENGINE ARGV", file=sys.stderr)
+        return 2
+    try:
+        checked = gpu_preflight()
+    except PreflightFailed as exc:
+        print(f"berth: GPU preflight failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(f"berth: GPU preflight passed on {checked} device(s)", file=sys.stderr, flush=True)
+    os.execvp(args[2], args[2:])
+    return 1  # not reached: exec replaced this process
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bootstrap.errors import UsageError
 from serving import vllm
 from serving.vllm import VllmCommand, VllmCommandError, engine_argv, parse_command
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -146,45 +151,79 @@ def test_reexport_keeps_vllms_series_only():
     assert text.count("\n") == 7 and "# TYPE vllm:num_requests_waiting gauge" in text
 
 
-def _fake_torch(root: Path, cuda_source: str) -> dict[str, str]:
+def _fake_torch(root: Path, cuda_source: str, tensor_source: str = "") -> dict[str, str]:
     """A GPU test double: a `torch` package whose `cuda` module behaves as the given source says."""
     package = root / "torch"
     package.mkdir()
-    (package / "__init__.py").write_text("from torch import cuda\n")
+    (package / "__init__.py").write_text("from torch import cuda\n" + tensor_source)
     (package / "cuda.py").write_text(cuda_source)
-    return {"PYTHONPATH": str(root)}
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{REPO}"}
 
 
-def test_preflight_fails_the_boot_with_the_drivers_message(tmp_path: Path):
+def _preflight_then(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m serving.vllm preflight -- ENGINE`, with `echo launched` standing in for the engine."""
+    return subprocess.run(
+        [sys.executable, "-m", "serving.vllm", "preflight", "--", "echo", "launched"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_preflight_fails_the_launch_with_the_drivers_message(tmp_path: Path):
     env = _fake_torch(tmp_path, (
         "def is_available(): return False\n"
         "def device_count(): return 0\n"
         "def init(): raise RuntimeError('Failed to initialize NVML: Unknown Error')\n"
     ))
-    with pytest.raises(vllm.PreflightFailed, match="Failed to initialize NVML: Unknown Error"):
-        vllm.gpu_preflight(env)
+    result = _preflight_then(env)
+    assert result.returncode == 1 and "launched" not in result.stdout
+    assert "GPU preflight failed: RuntimeError: Failed to initialize NVML: Unknown Error" in result.stderr
 
 
-def test_preflight_tries_every_visible_device(tmp_path: Path):
-    env = _fake_torch(tmp_path, "def is_available(): return True\ndef device_count(): return 2\n")
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the double is rewritten below within the same second
-    (tmp_path / "torch" / "__init__.py").write_text(
-        "from torch import cuda\n"
-        "class Tensor:\n"
-        "    def __matmul__(self, other): return {(0, 0): 256.0}\n"
-        "def ones(shape, device):\n"
-        "    if device == 'cuda:1': raise RuntimeError('CUDA error: uncorrectable ECC error encountered')\n"
-        "    return Tensor()\n"
-    )
-    with pytest.raises(vllm.PreflightFailed, match="uncorrectable ECC error"):
-        vllm.gpu_preflight(env)
-    env["CUDA_VISIBLE_DEVICES"] = "0"
-    (tmp_path / "torch" / "cuda.py").write_text(
-        "import os\ndef is_available(): return True\n"
-        "def device_count(): return len(os.environ['CUDA_VISIBLE_DEVICES'].split(','))\n"
-    )
-    vllm.gpu_preflight(env)  # cuda:0 alone is healthy
+TENSOR = (
+    "import os\n"
+    "class Tensor:\n"
+    "    def __matmul__(self, other): return {(0, 0): 256.0}\n"
+    "def ones(shape, device):\n"
+    "    if device in os.environ.get('FAULTY', '').split(','):\n"
+    "        raise RuntimeError('CUDA error: uncorrectable ECC error encountered')\n"
+    "    return Tensor()\n"
+)
 
 
-def test_preflight_passes_without_torch(tmp_path: Path):
-    vllm.gpu_preflight({"PYTHONPATH": str(tmp_path)}, python=sys.executable)
+def test_preflight_tries_every_visible_device_then_becomes_the_engine(tmp_path: Path):
+    env = _fake_torch(tmp_path, "def is_available(): return True\ndef device_count(): return 2\n", TENSOR)
+    failed = _preflight_then({**env, "FAULTY": "cuda:1"})
+    assert failed.returncode == 1 and "uncorrectable ECC error" in failed.stderr
+    passed = _preflight_then(env)
+    assert passed.returncode == 0 and passed.stdout == "launched\n"
+    assert "passed on 2 device(s)" in passed.stderr
+
+
+def test_preflight_without_torch_launches_the_engine(tmp_path: Path):
+    result = _preflight_then({**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert result.returncode == 0 and result.stdout == "launched\n"
+
+
+def test_the_engine_launches_vllm_with_node_caches_and_a_preflight_on_gpus(tmp_path: Path):
+    env = {"NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b", "BERTH_GPU_MODEL": "NVIDIA H100"}
+    engine = vllm.engine_for(None, ["sh", "-c", "vllm serve /mnt/data/qwen --dtype half"], service_name="chat",
+                             env=env, cache_dir=tmp_path, stop_timeout_s=10)
+    launch = engine.launch(8000)
+    assert launch.argv[1:5] == ["-m", "serving.vllm", "preflight", "--"]
+    engine_argv = launch.argv[5:]
+    assert engine_argv[engine_argv.index("--tensor-parallel-size") + 1] == "2"
+    assert engine_argv[engine_argv.index("--shutdown-timeout") + 1] == "8"
+    assert engine_argv[engine_argv.index("--served-model-name") + 1] == "chat"
+    assert launch.env["VLLM_CACHE_ROOT"].startswith(str(tmp_path / "compile"))
+    cpu = vllm.engine_for("/mnt/data/tiny", ["--dtype", "float32"], service_name=None, env={}, cache_dir=tmp_path,
+                          stop_timeout_s=10).launch(8000)
+    assert cpu.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and cpu.argv[-2:] == ["--dtype", "float32"]
+    assert cpu.env["VLLM_CACHE_ROOT"] != launch.env["VLLM_CACHE_ROOT"], "CPU and H100 kernels never share a cache"
+    assert all(json.loads(line)["body"]["model"] == "tiny" for line in vllm.engine_for(
+        "/mnt/data/tiny", [], service_name=None, env={}, cache_dir=tmp_path, stop_timeout_s=10).warmup_profile())
+
+
+def test_other_commands_get_no_vllm_engine_and_a_model_less_one_is_a_usage_error(tmp_path: Path):
+    assert vllm.engine_for(None, ["python", "app.py"], service_name=None, env={}, cache_dir=tmp_path, stop_timeout_s=1) is None
+    with pytest.raises(UsageError, match="name the model"):
+        vllm.engine_for(None, ["sh", "-c", "vllm serve"], service_name=None, env={}, cache_dir=tmp_path, stop_timeout_s=1)
