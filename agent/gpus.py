@@ -302,6 +302,13 @@ class GpuAllocator:
         with self._lock:
             return self._holders().get(uuid)
 
+    def node_view(self) -> list[dict[str, object]]:
+        """Each GPU for `GET /v1/node`: the inventory, the instance holding it, and the container
+        of each process on it (NVML's host PIDs mapped through /proc/PID/cgroup)."""
+        with self._lock:
+            holders = self._holders()
+        return [{**_with_containers(gpu), "instance": holders.get(gpu.uuid)} for gpu in self.inventory.gpus()]
+
     def _holders(self) -> dict[str, str]:
         return {uuid: instance for instance, uuids in self._assignments.items() for uuid in uuids}
 
@@ -401,6 +408,13 @@ def container_of_pid(pid: int, proc: Path = Path("/proc")) -> str | None:
     return None
 
 
+def _with_containers(gpu: Gpu) -> dict[str, object]:
+    entry = gpu.model_dump(mode="json")
+    for process in entry["processes"]:
+        process["container"] = container_of_pid(process["pid"])
+    return entry
+
+
 # --- the lost-GPU check -----------------------------------------------------------------------
 
 
@@ -461,9 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"no GPUs found: {inventory.describe()}", file=sys.stderr)
     body = record.model_dump(mode="json")
     if args.with_containers:
-        for gpu in body["gpus"]:
-            for process in gpu["processes"]:
-                process["container"] = container_of_pid(process["pid"])
+        body["gpus"] = [_with_containers(gpu) for gpu in record.gpus]
     print(json.dumps(body, indent=2))
     return 0
 

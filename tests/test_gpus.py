@@ -215,6 +215,24 @@ def test_a_host_pid_maps_to_its_container(docker_client, base_image: str, contai
     assert container_of_pid(2**22 + 1) is None  # no such process
 
 
+def test_the_node_view_names_holders_and_the_containers_of_gpu_processes(
+    docker_client, base_image: str, container_name: str, tmp_path: Path
+) -> None:
+    container = docker_client.containers.run(base_image, ["sleep", "30"], name=container_name, detach=True)
+    record = json.loads(RECORDED.read_text())
+    record["gpus"][1]["processes"] = [{"pid": docker_client.api.inspect_container(container.id)["State"]["Pid"], "used_memory_bytes": 2**30}]
+    (tmp_path / "inventory.json").write_text(json.dumps(record))
+    allocator = GpuAllocator(RecordedInventory(tmp_path / "inventory.json"), tmp_path / "checkpoint.json")
+    allocator.allocate("svc-a-0", 2)
+
+    view = allocator.node_view()
+
+    assert [gpu["uuid"] for gpu in view] == UUIDS
+    assert [gpu["instance"] for gpu in view] == ["svc-a-0", "svc-a-0", None, None]
+    assert view[1]["processes"] == [{"pid": record["gpus"][1]["processes"][0]["pid"], "used_memory_bytes": 2**30, "container": container.id}]
+    assert view[0]["name"] == "NVIDIA H100 80GB HBM3" and view[0]["memory_total_bytes"] == 85520809984
+
+
 def test_cgroup_paths_of_the_common_layouts(tmp_path: Path) -> None:
     cid = "0123456789abcdef" * 4
     for layout in (
