@@ -72,7 +72,7 @@ class DockerRuntime:
     def __init__(self, config: AgentConfig) -> None:
         self._config = config
         self._client = docker.from_env(timeout=120)
-        self._puller = Puller(self._client.api.base_url, config.timings, config.registry_mirrors, config.registry_auth)
+        self._puller = Puller(lambda timeout: docker.from_env(timeout=timeout).api, config.timings, config.registry_mirrors, config.registry_auth)
         self._secrets_root = config.state_dir / "secrets"
 
     # --- images -------------------------------------------------------------------------------

@@ -122,8 +122,9 @@ class _Progress:
 
 
 class Puller:
-    def __init__(self, base_url: str, timings: Timings, mirrors: dict[str, list[str]], operator_auth: dict[str, str]) -> None:
-        self._base_url = base_url
+    def __init__(self, connect: Callable[[float], docker.APIClient], timings: Timings, mirrors: dict[str, list[str]],
+                 operator_auth: dict[str, str]) -> None:
+        self._connect = connect  # an Engine API client with the given read timeout
         self._timings = timings
         self._mirrors = mirrors
         self._operator_auth = operator_auth
@@ -191,7 +192,7 @@ class Puller:
         auth_config = decode_auth(credentials) if credentials else None
         source = ref.name(registry)
         # The read timeout of this client is the stall watchdog (see the module's docstring).
-        api = docker.APIClient(base_url=self._base_url, timeout=self._timings.pull_stall_timeout_s)
+        api = self._connect(self._timings.pull_stall_timeout_s)
         progress = _Progress(self._timings.pull_progress_period_s, report)
         report(f"pulling {source} ({ref.reference})")
         try:

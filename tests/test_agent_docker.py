@@ -1,0 +1,285 @@
+"""`berth agent` end to end: a real agent process, the real Docker engine and registry, images
+built from the test base with `berth boot` as their entrypoint, and the `berth` client commands.
+Timings are shortened through the operator config file, as an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.harness.parts import free_port, wait_until
+
+pytestmark = pytest.mark.docker
+
+BERTH = [sys.executable, "-m", "bootstrap.cli"]
+TIMINGS = {"probe_period_s": 0.5, "backoff_initial_s": 0.5, "backoff_max_s": 2, "pull_retries": 1,
+           "pull_retry_delay_s": 0.2, "stray_grace_s": 3600}
+SIGTERM_APP = (
+    "import http.server, os, signal\n"
+    "def stop(*_):\n"
+    "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "    os.write(os.open('/mnt/out/sigterm', os.O_WRONLY | os.O_CREAT | os.O_APPEND), b'got SIGTERM')\n"
+    "    os._exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\n"
+    "http.server.HTTPServer(('127.0.0.1', 8000), http.server.SimpleHTTPRequestHandler).serve_forever()\n"
+)
+
+
+class Agent:
+    """One `berth agent` process with its own state directory, port and config file."""
+
+    def __init__(self, root: Path, port: int | None = None, **config) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.state_dir = root / "state"
+        self.config_path = root / "agent.json"
+        self.config_path.write_text(json.dumps({
+            "listen": f"127.0.0.1:{self.port}", "state_dir": str(self.state_dir), "cache_dir": str(root / "cache"),
+            "runtime": "docker", "env": {"BERTH_DRAIN_DELAY": "0"}, "timings": TIMINGS, **config,
+        }))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Agent":
+        log = open(self.root / "agent.log", "ab")
+        self.process = subprocess.Popen([*BERTH, "agent", "--config", str(self.config_path)], stdout=log, stderr=log,
+                                        start_new_session=True)
+        wait_until(lambda: self._healthy() or self.process.poll() is not None, 30, "agent start")
+        assert self.process.poll() is None, (self.root / "agent.log").read_text()[-3000:]
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def cli(self, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+        environ = {**os.environ, "BERTH_AGENT_URL": self.url, "BERTH_STATE_DIR": str(self.state_dir), **env}
+        if "BERTH_TOKEN" not in env:
+            environ.pop("BERTH_TOKEN", None)
+        return subprocess.run([*BERTH, *args], input=stdin, capture_output=True, text=True, env=environ, timeout=180)
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        token = (self.state_dir / "token").read_text().strip()
+        return requests.request(method, self.url + path, headers={"Authorization": f"Bearer {token}"}, timeout=30, **kwargs)
+
+    def service(self, name: str) -> dict:
+        response = self.api("GET", f"/v1/services/{name}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def deploy(self, spec: dict, *args: str) -> subprocess.CompletedProcess:
+        return self.cli("deploy", "-", *args, stdin=json.dumps(spec))
+
+    def remove_all(self, docker_client) -> None:
+        for svc in self.api("GET", "/v1/services").json():
+            self.api("DELETE", f"/v1/services/{svc['name']}")
+        wait_until(lambda: not self.api("GET", "/v1/services").json(), 60, "services removed")
+
+
+def service_spec(name: str, image: str, command: str = "python3 -m http.server 8000", **metadata) -> dict:
+    return {"metadata": {"name": name, "eas": {"termination_grace_period": 20}, **metadata},
+            "containers": [{"image": image, "command": command}]}
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory, docker_client, python_inference_image):
+    root = tmp_path_factory.mktemp("agent")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    running = Agent(root, allow_host_paths=[str(allowed)]).start()
+    running.allowed = allowed
+    yield running
+    try:
+        running.remove_all(docker_client)
+    finally:
+        running.stop()
+
+
+def wait_state(agent: Agent, name: str, check, timeout: float = 60, what: str = "state") -> dict:
+    seen: dict = {}
+
+    def done() -> bool:
+        seen.update(agent.service(name))
+        return check(seen)
+
+    try:
+        wait_until(done, timeout, what, interval=0.1)
+    except TimeoutError:
+        raise AssertionError(f"{what}: {json.dumps(seen, indent=1)[:3000]}") from None
+    return seen
+
+
+def test_two_instances_pulled_once_ready_and_answering_through_their_proxy_ports(agent, docker_client, registry,
+                                                                                python_inference_image):
+    # Through the registry: the image is pushed, then the local name dropped, so the agent must pull it.
+    repository = f"{registry}/berth-test/agent-{uuid.uuid4().hex[:6]}"
+    docker_client.images.get(python_inference_image).tag(repository, "1")
+    docker_client.images.push(repository, "1")
+    docker_client.images.remove(f"{repository}:1")
+    name = unique("web")
+    spec = service_spec(name, f"{repository}:1", instance=2)
+    spec["token"] = "svc-token-never-shown"
+    result = agent.deploy(spec, "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Ready" in result.stderr and "ready in" in result.stderr  # progress was shown
+
+    service = json.loads(result.stdout)
+    assert service["runtime"] == "docker" and service["revision"].startswith("v1-")
+    endpoints = {inst["endpoint"] for inst in service["instances"]}
+    assert len(endpoints) == 2 and None not in endpoints
+    for inst in service["instances"]:
+        assert inst["state"] == "Ready" and inst["restarts"] == 0 and inst["gpus"] == []
+        # The token is the proxy's: without it 401, with it the app answers through the proxy port.
+        assert requests.get(inst["endpoint"] + "/", timeout=5).status_code == 401
+        answer = requests.get(inst["endpoint"] + "/", headers={"Authorization": "svc-token-never-shown"}, timeout=5)
+        assert answer.status_code == 200 and "Directory listing" in answer.text
+
+    events = agent.api("GET", f"/v1/events?service={name}&follow=false").text
+    assert events.count('"kind": "Pulling"') >= 2 and "joined a pull of this image already under way" in events
+
+    containers = docker_client.containers.list(filters={"label": f"berth.service={name}"})
+    assert len(containers) == 2
+    for container in containers:
+        labels = container.labels
+        assert labels["berth.revision"] == service["revision"] and labels["berth.grace"] == "20"
+        assert labels["berth.instance"] in ("0", "1") and labels["berth.gpus"] == ""
+        config = container.attrs
+        assert config["HostConfig"]["RestartPolicy"]["Name"] == "no" and config["Config"]["StopTimeout"] == 20
+        assert "svc-token-never-shown" not in json.dumps([config["Config"]["Env"], labels])
+    listing = agent.cli("get", name)
+    assert "svc-token-never-shown" not in listing.stdout and service["instances"][0]["endpoint"] in listing.stdout
+
+
+def test_rm_stops_with_sigterm_first(agent, python_inference_image):
+    name = unique("term")
+    out = agent.allowed / name
+    out.mkdir()
+    spec = service_spec(name, python_inference_image, command="python3 /mnt/out/app.py")
+    (out / "app.py").write_text(SIGTERM_APP)
+    spec["storage"] = [{"mount_path": "/mnt/out", "local": {"path": str(out)}}]
+    assert agent.deploy(spec, "--wait").returncode == 0
+    started = time.monotonic()
+    result = agent.cli("rm", name)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert (out / "sigterm").read_text().startswith("got SIGTERM")
+    assert took < 15, f"rm took {took:.1f} s: the app had to be killed, not stopped"  # grace is 20 s
+    assert agent.api("GET", f"/v1/services/{name}").status_code == 404
+
+
+def test_crashing_command_backs_off_doubling_to_the_cap(agent, python_inference_image):
+    name, blocked = unique("crash"), unique("blocked")
+    agent.deploy(service_spec(name, python_inference_image, command="echo about to fail; exit 7"))
+    spec = service_spec(blocked, python_inference_image, command="exit 7")
+    spec["runtime"] = {"enable_crash_block": True}
+    agent.deploy(spec)
+    wait_state(agent, name, lambda s: s["instances"][0]["restarts"] >= 4, 60, "four restarts")
+    events = [json.loads(line) for line in agent.api("GET", f"/v1/events?service={name}&follow=false").text.splitlines()]
+    exits = [e["at"] for e in events if e["kind"] == "Exited"]
+    starts = [e["at"] for e in events if e["kind"] == "Started"]
+    delays = [start - exited for exited, start in zip(exits, starts[1:])]
+    # backoff 0.5 s doubling, capped at 2 s (the config); each restart no sooner than its delay.
+    for delay, expected in zip(delays, [0.5, 1, 2, 2]):
+        assert expected * 0.9 <= delay <= expected + 1.5, delays
+    inst = agent.service(name)["instances"][0]
+    assert inst["last_exit"]["code"] == 7 and inst["last_exit"]["reason"] == "Error"
+    assert "about to fail" in "\n".join(inst["last_exit"]["log_tail"])
+    failed = wait_state(agent, blocked, lambda s: s["instances"][0]["state"] == "Failed", 30, "crash block")
+    assert failed["instances"][0]["restarts"] == 0 and "enable_crash_block" in failed["instances"][0]["reason"]
+    fail = agent.deploy(service_spec(unique("waitfail"), python_inference_image, command="exit 5"), "--wait")
+    assert fail.returncode == 1 and "exit code 5" in fail.stderr
+
+
+def test_shm_size_and_memory_limit_are_visible_inside(agent, docker_client, python_inference_image):
+    name = unique("limits")
+    result = agent.deploy(service_spec(name, python_inference_image, memory=300, shm_size=0.5, cpu=1.5), "--wait")
+    assert result.returncode == 0, result.stderr
+    container = docker_client.containers.get(agent.service(name)["instances"][0]["runtime_id"])
+    shm = container.exec_run(["df", "-k", "/dev/shm"]).output.decode().splitlines()[1].split()[1]
+    assert int(shm) == 512 * 1024
+    memory = container.exec_run(["sh", "-c", "cat /sys/fs/cgroup/memory.max 2>/dev/null || "
+                                              "cat /sys/fs/cgroup/memory/memory.limit_in_bytes"]).output.decode().strip()
+    assert int(memory) == 300 * 1024 * 1024
+    assert container.attrs["HostConfig"]["NanoCpus"] == 1_500_000_000
+
+
+def test_bad_inputs_give_clear_errors_and_disturb_nothing(agent, python_inference_image, base_image, registry):
+    name = unique("keep")
+    assert agent.deploy(service_spec(name, python_inference_image), "--wait").returncode == 0
+    before = agent.service(name)["instances"][0]
+
+    missing = agent.deploy(service_spec(unique("noimage"), f"{registry}/berth-test/does-not-exist:1"), "--wait")
+    assert missing.returncode == 1
+    assert "does-not-exist" in missing.stderr and "ErrImagePull" in missing.stderr and "not found" in missing.stderr.lower()
+
+    spec = service_spec(unique("hostpath"), python_inference_image)
+    spec["storage"] = [{"mount_path": "/mnt/etc", "local": {"path": "/etc"}}]
+    refused = agent.deploy(spec)
+    assert refused.returncode == 2
+    assert "storage[0].local.path" in refused.stderr and "--allow-host-path" in refused.stderr
+
+    invalid = agent.deploy({"metadata": {"name": "x"}, "containers": [{"image": "a", "port": 8080}]})
+    assert invalid.returncode == 2 and "containers[0].port" in invalid.stderr
+
+    bad_token = agent.cli("ls", BERTH_TOKEN="not-the-token")
+    assert bad_token.returncode == 1 and "refused the token" in bad_token.stderr
+    assert requests.get(f"{agent.url}/v1/services", timeout=5).status_code == 401
+
+    no_berth = agent.deploy(service_spec(unique("noberth"), base_image), "--wait")
+    assert no_berth.returncode == 1 and "has no `berth` command" in no_berth.stderr and "bootstrap" in no_berth.stderr
+
+    after = agent.service(name)["instances"][0]
+    assert after["state"] == "Ready" and after["runtime_id"] == before["runtime_id"] and after["restarts"] == 0
+
+
+def test_agent_killed_and_restarted_readopts_without_restarting(tmp_path, docker_client, python_inference_image):
+    first = Agent(tmp_path).start()
+    name = unique("adopt")
+    try:
+        assert first.deploy(service_spec(name, python_inference_image, instance=2), "--wait").returncode == 0
+        before = first.service(name)
+        started = {c.id: c.attrs["State"]["StartedAt"] for c in docker_client.containers.list(filters={"label": f"berth.service={name}"})}
+        first.kill9()
+        second = Agent(tmp_path, port=first.port).start()
+        after = wait_state(second, name, lambda s: s["ready"] == 2, 30, "re-adoption")
+        assert after["revision"] == before["revision"] and after["spec"] == before["spec"]
+        assert [i["runtime_id"] for i in after["instances"]] == [i["runtime_id"] for i in before["instances"]]
+        assert all(i["restarts"] == 0 for i in after["instances"])
+        now = {c.id: c.attrs["State"]["StartedAt"] for c in docker_client.containers.list(filters={"label": f"berth.service={name}"})}
+        assert now == started  # same containers, never restarted
+        assert "Adopted" in second.api("GET", f"/v1/events?service={name}&follow=false").text
+        second.remove_all(docker_client)
+    finally:
+        first.stop()
+        if "second" in locals():
+            second.stop()
