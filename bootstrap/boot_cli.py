@@ -96,21 +96,33 @@ SETTINGS = (
 )
 
 
+BOOT_DESCRIPTION = """\
+The container entrypoint:  ENTRYPOINT ["berth", "boot"]  then  CMD ["python", "app.py"]
+
+Phases, each timed (/status, the log): prepare storage and libraries -> launch the command
+-> wait until it answers on --port -> replay warmup requests -> READY (/ready is 200 on the
+admin port; the proxy on --proxy-port forwards to the child).
+
+On SIGTERM or SIGINT: /ready turns 503 at once; new requests are still served for
+--drain-delay; then they get 503 while in-flight ones finish, within --grace; then the
+child's process group gets SIGTERM, and SIGKILL after --stop-timeout. A SIGTERM during
+prepare, launch or warmup stops at once.
+
+Each setting: its flag, else its BERTH_* environment variable (booleans 1/0), else the spec
+(--spec FILE or BERTH_SPEC, JSON text or a path), else the default. The service token comes
+from BERTH_SERVICE_TOKEN or BERTH_SERVICE_TOKEN_FILE only. BERTH_LOG_JSON=1 logs JSON lines.
+
+Exit codes: 0 clean stop (also when the child ended on berth's SIGTERM); 1 the child never
+became ready or its warmup failed; 2 bad usage; 3 berth's own prepare failed (spec, storage,
+pip); otherwise the child's own code (128+N when signal N, not sent by berth, ended it).
+"""
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "boot",
         help="run a service in a container: prepare, launch, warm up, proxy, drain",
-        description=(
-            "The container entrypoint. Prepares storage and libraries, launches the service's command, waits "
-            "until it answers, replays warmup requests, then reports READY on /ready (admin port) and proxies "
-            "traffic to it. On SIGTERM: /ready turns 503, new requests are still served for --drain-delay, then "
-            "refused while in-flight ones finish, then the child's process group gets SIGTERM, and SIGKILL after "
-            "--stop-timeout.\n\nEach setting's BERTH_* environment variable is used when its flag is absent; the "
-            "spec comes from --spec or BERTH_SPEC; the service token from BERTH_SERVICE_TOKEN or "
-            "BERTH_SERVICE_TOKEN_FILE.\n\nExit codes: 0 clean stop; 1 the child never became ready or its warmup "
-            "failed; 2 bad usage; 3 berth's own prepare failed (spec, storage, pip); otherwise the child's code "
-            "(128+N when signal N ended it)."
-        ),
+        description=BOOT_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--spec", metavar="FILE", help="the service spec (env BERTH_SPEC: JSON text or a path)")
