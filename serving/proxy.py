@@ -33,8 +33,8 @@ log = logging.getLogger("berth.proxy")
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 # Per-request notes shared along the chain (aiohttp requests are mutable mappings).
-BODY = "berth.body"
-RESPONSE_STARTED = "berth.response_started"  # loop time of the first byte sent to the client
+BODY = web.RequestKey("berth.body", bytes)
+RESPONSE_STARTED = web.RequestKey("berth.response_started", float)  # loop time of the first byte sent
 
 HOP_BY_HOP = frozenset(
     h.lower() for h in (
