@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Mapping
@@ -20,6 +21,9 @@ from pydantic import SecretStr
 from bootstrap.spec import ObjectStore
 
 DEFAULT_REGION = "us-east-1"
+# botocore's debug log prints signed request headers, access key id included: never below INFO.
+for _name in ("botocore", "aiobotocore", "s3fs"):
+    logging.getLogger(_name).setLevel(logging.INFO)
 RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling"}
 
 

@@ -2,7 +2,9 @@
 
 Restarting a server is not a network fault; cutting a connection mid-transfer is. The proxy
 forwards 127.0.0.1:<port> to a target and, when told, cuts connections after a number of
-bytes from the server, or refuses new connections, while counting what passed.
+bytes from the server, or refuses new connections, while counting what passed. It can also
+answer the next requests itself with an HTTP error (an S3 503 SlowDown, say) and records when
+each request was in flight, so a test can see how many ran at once.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import itertools
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 
 @dataclass
 class Faults:
     cut_after_bytes: int | None = None  # total server->client bytes, across connections, before every cut
     refuse: bool = False
+    error_responses: int = 0  # answer this many next requests with `error_response`, not forwarding them
+    error_response: bytes = b""
 
 
 class FaultProxy:
@@ -27,6 +32,9 @@ class FaultProxy:
         self.bytes_down = 0
         self.connections = 0
         self.cuts = 0
+        self.errors_sent = 0
+        self.spans: list[list[float]] = []  # [start, end] of each request: request bytes in, last response bytes out
+        self._current: dict[int, list[float]] = {}  # connection id -> its request in flight
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -42,6 +50,26 @@ class FaultProxy:
         """Cut every connection once `total_bytes` more server->client bytes have passed (None heals)."""
         with self._lock:
             self.faults.cut_after_bytes = None if total_bytes is None else self.bytes_down + total_bytes
+
+    def fail_requests(self, count: int, status: int = 503, code: str = "SlowDown",
+                      headers: dict[str, str] | None = None) -> None:
+        """Answer the next `count` requests with an S3-style XML error and close their connections."""
+        body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+        lines = [f"HTTP/1.1 {status} Injected", "Content-Type: application/xml", f"Content-Length: {len(body)}",
+                 "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        with self._lock:
+            self.faults.error_response = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+            self.faults.error_responses = count
+
+    def peak_requests_in_flight(self) -> int:
+        """The most requests that were in flight at one moment, over the proxy's life."""
+        with self._lock:
+            events = sorted([(s, 1) for s, _ in self.spans] + [(e, -1) for _, e in self.spans])
+        peak = current = 0
+        for _, step in events:
+            current += step
+            peak = max(peak, current)
+        return peak
 
     def close(self) -> None:
         self._closed = True
@@ -67,16 +95,46 @@ class FaultProxy:
                 self.connections += 1
                 self._open.update((client, upstream))
             finished = itertools.count()  # the second direction to end closes the pair
-            threading.Thread(target=self._pump, args=(client, upstream, False, finished), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True, finished), daemon=True).start()
+            conn = next(self._ids)
+            threading.Thread(target=self._pump, args=(client, upstream, False, finished, conn), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True, finished, conn), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, downstream: bool, finished: itertools.count) -> None:
+    _ids = itertools.count()
+
+    def _track(self, conn: int, downstream: bool) -> bool:
+        """Note request/response timing; True when this new request must get the injected error."""
+        now = time.monotonic()
+        with self._lock:
+            span = self._current.get(conn)
+            if downstream:
+                if span is not None:
+                    span[1] = now
+                return False
+            if span is not None and span[1] > span[0]:  # the previous response has begun: a new request
+                self._current.pop(conn)
+                span = None
+            if span is None:
+                if self.faults.error_responses > 0:
+                    self.faults.error_responses -= 1
+                    self.errors_sent += 1
+                    return True
+                span = [now, now]
+                self._current[conn] = span
+                self.spans.append(span)
+            return False
+
+    def _pump(self, source: socket.socket, sink: socket.socket, downstream: bool, finished: itertools.count,
+              conn: int = 0) -> None:
         broken = False
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
+                if self._track(conn, downstream):
+                    source.sendall(self.faults.error_response)
+                    _end_politely(source, sink)
+                    return
                 cut = False
                 if downstream:
                     with self._lock:
@@ -109,10 +167,26 @@ class FaultProxy:
                     self._open.discard(sock)
 
 
+def _end_politely(client: socket.socket, upstream: socket.socket) -> None:
+    """Close after an injected answer with FIN, so the client reads the answer before the end."""
+    for sock in (upstream, client):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    client.close()
+
+
 def _reset(sock: socket.socket) -> None:
     """Close with RST, as a broken network does, rather than a polite FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    try:
+        # Wakes the other pump thread blocked in recv() on this socket: until that recv
+        # returns, close() alone releases nothing and the client would wait for its timeout.
+        sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     try:
