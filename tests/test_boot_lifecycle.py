@@ -209,3 +209,28 @@ def test_invalid_spec_exits_3_and_says_why(tmp_path):
         assert "containers[0].port: 8080 is reserved" in status["last_error"]
     finally:
         boot.close()
+
+
+def test_spec_checks_run_inside_and_gate_ready_and_live(tmp_path):
+    app_port = free_port()
+    flag = tmp_path / "alive"
+    flag.touch()
+    spec = {
+        "metadata": {"name": "svc"},
+        "containers": [{
+            "image": "img", "port": app_port, "command": f"{sys.executable} -m tests.apps.slowapp --port {app_port} --start-delay 0.5",
+            "startup_check": {"tcp_socket": {}, "period_seconds": 1, "failure_threshold": 30},
+            "readiness_check": {"http_get": {"path": "/counters"}, "period_seconds": 0.2, "failure_threshold": 1},
+            "liveness_check": {"exec": {"command": ["test", "-e", str(flag)]}, "period_seconds": 0.2, "failure_threshold": 2},
+        }],
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    boot = Boot(tmp_path, "--spec", str(tmp_path / "spec.json"), "--port", str(app_port), command=[])
+    try:
+        boot.wait_ready()
+        assert http("GET", boot.admin + "/live")[0] == 200
+        flag.unlink()  # the liveness command now fails: /live turns 503 for the agent to act on
+        wait_until(lambda: http("GET", boot.admin + "/live")[0] == 503, 5, "/live turning 503")
+        assert boot.ready_status() == 200
+    finally:
+        boot.close()
