@@ -69,11 +69,11 @@ def assert_tree(mount: Path, files: dict[str, bytes]) -> None:
     assert found == sorted(files)
 
 
-def run_prepare(spec: ServiceSpec, cache_dir: Path, env: dict[str, str]) -> dict[str, float]:
+def run_prepare(spec: ServiceSpec, cache_dir: Path, env: dict[str, str], **fields: object) -> dict[str, float]:
     """prepare() as the boot calls it; returns the reported step timings."""
     steps: dict[str, float] = {}
     ctx = PrepareContext(spec, cache_dir, {**FAST, **env}, lambda step, seconds: steps.__setitem__(step, seconds),
-                         progress_interval=0.2)
+                         progress_interval=0.2, **fields)
     asyncio.run(prepare(ctx))
     return steps
 
