@@ -91,7 +91,11 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
             raise HTTPException(404, f"service {name!r} has no instance {instance!r}; "
                                      f"instances: {', '.join(i.id for i in svc.instances.values())}")
         if chosen.handle is None:
-            raise HTTPException(409, f"instance {chosen.id} has not started yet (state {chosen.state.value})")
+            if chosen.last_exit is None:
+                raise HTTPException(409, f"instance {chosen.id} has not started yet (state {chosen.state.value})")
+            # Between two runs (a restart under way): the lines kept from the run that ended.
+            kept = "".join(line + "\n" for line in chosen.last_exit.log_tail)
+            return PlainTextResponse(kept)
         return StreamingResponse(_threaded(supervisor.runtime.logs(chosen.handle.id, tail=tail, follow=follow)),
                                  media_type="text/plain")
 

@@ -214,6 +214,8 @@ def test_crashing_command_backs_off_doubling_to_the_cap(agent, python_inference_
     inst = agent.service(name)["instances"][0]
     assert inst["last_exit"]["code"] == 7 and inst["last_exit"]["reason"] == "Error"
     assert "about to fail" in "\n".join(inst["last_exit"]["log_tail"])
+    assert "about to fail" in agent.cli("logs", name).stdout
+    assert f'berth_agent_restarts_total{{service="{name}"}}' in agent.api("GET", "/metrics").text
     failed = wait_state(agent, blocked, lambda s: s["instances"][0]["state"] == "Failed", 30, "crash block")
     assert failed["instances"][0]["restarts"] == 0 and "enable_crash_block" in failed["instances"][0]["reason"]
     fail = agent.deploy(service_spec(unique("waitfail"), python_inference_image, command="exit 5"), "--wait")
@@ -257,6 +259,9 @@ def test_bad_inputs_give_clear_errors_and_disturb_nothing(agent, python_inferenc
 
     no_berth = agent.deploy(service_spec(unique("noberth"), base_image), "--wait")
     assert no_berth.returncode == 1 and "has no `berth` command" in no_berth.stderr and "bootstrap" in no_berth.stderr
+
+    node = agent.cli("node")
+    assert node.returncode == 0 and "runtime   docker" in node.stdout and python_inference_image in node.stdout
 
     after = agent.service(name)["instances"][0]
     assert after["state"] == "Ready" and after["runtime_id"] == before["runtime_id"] and after["restarts"] == 0
