@@ -36,6 +36,7 @@ class Metrics:
         self.queue_depth = Gauge("berth_queue_depth", "Requests waiting for a concurrency slot", registry=r)
         self.queue_depth.set_function(lambda: state.queued)
         self.requests = Counter("berth_requests", "Requests answered, by HTTP status code", ["code"], registry=r)
+        self._by_status: dict[int, Counter] = {}
         self.latency = Histogram(
             "berth_request_duration_seconds", "Time from request to the end of the response", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -48,6 +49,12 @@ class Metrics:
         self.phase = Gauge("berth_phase_duration_seconds", "How long each startup phase took", ["phase"], registry=r)
         self._child_pid: Callable[[], int | None] = lambda: state.child_pid
         r.register(_ChildCollector(self._child_pid))
+
+    def count(self, status: int) -> None:
+        child = self._by_status.get(status)
+        if child is None:  # labels() takes a lock and builds a key: once per status code
+            child = self._by_status[status] = self.requests.labels(str(status))
+        child.inc()
 
     def record_phase(self, name: str, seconds: float) -> None:
         self.phase.labels(name).set(seconds)

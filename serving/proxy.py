@@ -75,7 +75,7 @@ def reject(metrics: Metrics, status: int, reason: str, *, close: bool = False, r
     if close:
         headers["Connection"] = "close"
         response.force_close()
-    metrics.requests.labels(str(status)).inc()
+    metrics.count(status)
     return response
 
 
@@ -206,14 +206,14 @@ class Measure:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        status = "499"  # nginx's code for a client that went away, unless we learn otherwise
+        status = 499  # nginx's code for a client that went away, unless we learn otherwise
         try:
             response = await self.next(request)
-            status = str(response.status)
+            status = response.status
             return response
         finally:
             ended = loop.time()
-            self.metrics.requests.labels(status).inc()
+            self.metrics.count(status)
             self.metrics.latency.observe(ended - started)
             self.metrics.ttfb.observe(request.get(RESPONSE_STARTED, ended) - started)
 
@@ -223,10 +223,10 @@ class Forward:
 
     def __init__(self, session: aiohttp.ClientSession, config: ProxyConfig, metrics: Metrics) -> None:
         self.session, self.metrics = session, metrics
-        self.base = URL.build(scheme="http", host=config.upstream_host, port=config.upstream_port)
+        self.origin = f"http://{config.upstream_host}:{config.upstream_port}"
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        url = self.base.join(URL(request.raw_path, encoded=True))
+        url = URL(self.origin + request.raw_path, encoded=True)  # the path and query exactly as sent
         headers = upstream_headers(request)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request, url, headers)
@@ -310,14 +310,20 @@ def _closed_before_answer(exc: Exception) -> bool:
     return getattr(exc, "errno", None) in (errno.ECONNRESET, errno.EPIPE)
 
 
-def _connection_tokens(headers) -> set[str]:
-    return {token.strip().lower() for value in headers.getall("Connection", ()) for token in value.split(",")}
+def _without_hop_by_hop(source) -> CIMultiDict[str]:
+    headers = CIMultiDict(source)
+    for value in source.getall("Connection", ()):  # headers the Connection header names are hop-by-hop too
+        for token in value.split(","):
+            headers.popall(token.strip(), None)
+    for name in HOP_BY_HOP:
+        if name in headers:
+            del headers[name]
+    return headers
 
 
 def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones, plus X-Forwarded-For/Proto."""
-    drop = HOP_BY_HOP | _connection_tokens(request.headers)
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
+    headers = _without_hop_by_hop(request.headers)
     if request.headers.get("Upgrade", "").lower() == "websocket":
         headers["Upgrade"], headers["Connection"] = "websocket", "Upgrade"
     peer = request.remote or ""
@@ -328,8 +334,7 @@ def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _connection_tokens(upstream.headers)
-    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+    return _without_hop_by_hop(upstream.headers)
 
 
 def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, session: aiohttp.ClientSession) -> Handler:
