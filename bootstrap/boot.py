@@ -91,7 +91,12 @@ class Boot:
     async def run(self) -> int:
         become_subreaper()
         self._install_signals()
-        await self._bind()
+        try:
+            await self._bind()
+        except OSError as exc:
+            code = self._fail(EXIT_FAILED, f"cannot bind the admin or proxy port: {exc.strerror or exc}")
+            self.state.finish(code)
+            return code
         self._background += [
             asyncio.ensure_future(self.metrics.sample_average()),
             asyncio.ensure_future(self.reaper.run(self._keep)),
@@ -124,6 +129,10 @@ class Boot:
         except (StartupFailed, warmup.WarmupError) as exc:
             await self._stop_child()
             return self._fail(EXIT_FAILED, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug in berth: still stop the child and say so
+            log.exception("berth boot failed")
+            await self._stop_child()
+            return self._fail(EXIT_FAILED, f"berth boot failed: {type(exc).__name__}: {exc}")
         return await self._drain()
 
     # --- phases -------------------------------------------------------------------------
@@ -257,6 +266,7 @@ class Boot:
 
     def _child_died(self, returncode: int) -> int:
         assert self.child is not None
+        self.child.send_group_quietly(signal.SIGKILL)  # what it left behind in its group
         self.child.join_output()
         phase = self.state.state.value
         tail = self.child.tail.text()

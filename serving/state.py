@@ -115,7 +115,7 @@ class BootState:
 
     def record_phase(self, name: str, seconds: float) -> None:
         self.phases[name] = round(seconds, 4)
-        log.info("phase %s: done in %.2f s", name, seconds)
+        log.info("phase %s: done in %.2f s", name, seconds, extra={"fields": {"phase": name, "seconds": round(seconds, 4)}})
 
     def record_prepare_step(self, step: str, seconds: float) -> None:
         self.prepare_steps[step] = round(seconds, 4)
