@@ -43,7 +43,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     get = subparsers.add_parser("get", parents=[client], help="show one service and its instances",
                                 description="A service's revision and each instance's state, restarts, GPUs, "
-                                            "proxy endpoint and last exit.")
+                                            "proxy endpoint and last exit; then each instance's cold start "
+                                            "(image pull, prepare: download and pip, engine start, warmup, "
+                                            "launch-to-ready), as JSON under cold_start with --json.")
     get.add_argument("name", metavar="NAME")
     get.set_defaults(handler=run_get)
 
@@ -272,6 +274,11 @@ def run_get(args: argparse.Namespace) -> int:
                      ",".join(inst["gpus"]) or "-", inst["endpoint"] or "-",
                      f"{last['code']} {last['reason']}" if last else "-", inst["reason"] or "-"])
     print(_table(rows))
+    from agent.coldstart import summary
+
+    for inst in service["instances"]:
+        if inst.get("cold_start"):
+            print(f"{inst['id']} cold start: {summary(inst['cold_start'])}")
     return 0
 
 

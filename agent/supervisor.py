@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from agent import launch
+from agent import coldstart, launch
 from agent.config import AgentConfig
 from agent.pull import PullError
 from agent.revision import revision as revision_of
@@ -73,6 +73,8 @@ class Instance:
     failures_in_row: int = 0
     ready_since: float | None = None
     launched_at: float | None = None
+    pull_s: float = 0.0
+    cold_start: dict[str, float | None] | None = None  # agent/coldstart.py, once Ready
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -92,6 +94,7 @@ class Instance:
             "restarts": self.restarts, "gpus": self.gpus, "endpoint": endpoint, "admin_endpoint": admin,
             "runtime_id": handle.id if handle else None,
             "last_exit": self.last_exit.as_json() if self.last_exit else None,
+            "cold_start": self.cold_start,
         }
 
 
@@ -315,7 +318,7 @@ class Supervisor:
             self._set(inst, State.STOPPING, f"replacing revision {old.revision} with {svc.revision}")
             await asyncio.to_thread(self.runtime.stop, old.id, svc.spec.metadata.grace_s)
             await self._forget(inst)
-        inst.launched_at = time.monotonic()
+        inst.launched_at, inst.pull_s, inst.cold_start = time.monotonic(), 0.0, None
         gpus = self._assign_gpus(svc, inst)
         if gpus is None:
             return False
@@ -326,6 +329,7 @@ class Supervisor:
             return False
         if policy == "Always" or not await asyncio.to_thread(self.runtime.has_image, container.image):
             self._set(inst, State.PULLING, f"image {container.image}")
+            pull_started = time.monotonic()
             try:
                 await asyncio.to_thread(
                     self.runtime.ensure_image, container.image, always=policy == "Always",
@@ -334,6 +338,7 @@ class Supervisor:
                 )
             except PullError as exc:
                 return await self._cannot_start(svc, inst, f"ErrImagePull: {exc}", permanent=exc.permanent)
+            inst.pull_s = time.monotonic() - pull_started
         self._set(inst, State.STARTING, "")
         request = launch.build_request(svc.spec, svc.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports)
         try:
@@ -382,10 +387,11 @@ class Supervisor:
             if await self._exited_within(inst, timings.start_probe_period_s):
                 return await self._exit_info(inst)
             if await self._probe(inst, "/ready", timeout):
-                inst.ready, inst.ready_since = True, time.time()
                 took = time.monotonic() - inst.launched_at if inst.launched_at else None
                 if took is not None:
                     self.metrics.ready_seconds.observe(took)
+                    await self._record_cold_start(inst, took, timeout)  # before `ready`: clients see both at once
+                inst.ready, inst.ready_since = True, time.time()
                 self._set(inst, State.READY, f"ready in {took:.2f} s" if took is not None else "ready (adopted)")
         ready_failures = live_failures = 0
         next_live = time.monotonic() + live_period
@@ -411,6 +417,14 @@ class Supervisor:
                     info = await self._exit_info(inst)
                     info.reason = "LivenessProbeFailed"
                     return info
+
+    async def _record_cold_start(self, inst: Instance, ready_s: float, timeout: float) -> None:
+        status = None
+        if inst.handle.admin_port is not None:
+            admin = f"http://{inst.handle.host_ip}:{inst.handle.admin_port}"
+            status = await coldstart.fetch_boot_status(self._session, admin, timeout)
+        inst.cold_start = coldstart.breakdown(inst.pull_s, ready_s, status)
+        self._event("ColdStart", coldstart.summary(inst.cold_start), inst.service, inst)
 
     async def _exited_within(self, inst: Instance, seconds: float) -> bool:
         try:
