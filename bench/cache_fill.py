@@ -143,10 +143,10 @@ def compare(endpoint: str, prefix: str, total: int, work: Path) -> None:
 
 
 def grid(endpoint: str, prefix: str, total: int, work: Path) -> None:
-    print(f"\n### berth settings on {prefix} (MB/s)\n\n| part size \\ concurrency | 4 | 8 | 16 | 32 |\n| --- | --- | --- | --- | --- |")
-    for part in (8 * MIB, 16 * MIB, 32 * MIB, 64 * MIB):
+    print(f"\n### berth settings on {prefix} (MB/s)\n\n| part size \\ concurrency | 16 | 32 | 64 |\n| --- | --- | --- | --- |")
+    for part in (16 * MIB, 32 * MIB, 64 * MIB):
         row = []
-        for concurrency in (4, 8, 16, 32):
+        for concurrency in (16, 32, 64):
             dest = work / "grid"
             shutil.rmtree(dest, ignore_errors=True)
             seconds = timed(berth_fill(endpoint, prefix, dest, TransferSettings(part_size=part, concurrency=concurrency)))
@@ -208,6 +208,7 @@ def main() -> None:
         compare(endpoint, "small", small, work)
         if args.grid:
             grid(endpoint, "big", big, work)
+            grid(endpoint, "small", small, work)
         warm_check(work)
     finally:
         server.terminate()

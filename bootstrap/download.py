@@ -28,7 +28,6 @@ log = logging.getLogger("berth.prepare")
 # Chosen by bench/cache_fill.py (docs/benchmarks.md, "Weight cache").
 DEFAULT_PART_SIZE = 16 * MIB
 DEFAULT_CONCURRENCY = 16
-WRITE_CHUNK = 1 * MIB  # bytes gathered before one pwrite
 MAX_RESTARTS = 3  # an object replaced this many times during one download is an error
 
 
@@ -168,33 +167,23 @@ class _Fetcher:
         """GET bytes offset..end-1 into the file; returns the new offset (== end when whole)."""
         from botocore.exceptions import ClientError
 
-        buffer = bytearray()
         try:
             response = await self.s3.get_object(
                 Bucket=self.location.bucket, Key=obj.key, Range=f"bytes={offset}-{end - 1}", IfMatch=obj.etag
             )
             async with response["Body"] as body:
-                while True:
-                    chunk = await body.read(WRITE_CHUNK)
-                    if not chunk:
-                        break
-                    buffer += chunk
-                    if len(buffer) >= WRITE_CHUNK:
-                        offset = self._write(partial, index, buffer, offset, end)
-                        buffer.clear()
-            offset = self._write(partial, index, buffer, offset, end)
+                # Each chunk as aiohttp received it: no joining copy, one pwrite per chunk.
+                async for chunk in body.raw_stream.content.iter_any():
+                    offset = self._write(partial, index, chunk, offset, end)
         except (ClientError, DownloadError):
             raise
         except Exception as exc:  # noqa: BLE001 - aiohttp, botocore and socket errors alike
-            offset = self._write(partial, index, buffer, offset, end)  # keep what did arrive
             raise _PartCut(offset, type(exc).__name__) from None
         if offset < end:
             raise _PartCut(offset, "response ended early")
         return offset
 
-    def _write(self, partial: PartialFile, index: int, data: bytearray, offset: int, end: int) -> int:
-        if not data:
-            return offset
+    def _write(self, partial: PartialFile, index: int, data: bytes, offset: int, end: int) -> int:
         if offset + len(data) > end:
             raise DownloadError(f"server sent more bytes than asked for ({offset + len(data)} > {end})")
         partial.write(index, data, offset)

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import AsyncIterator, Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -116,7 +117,6 @@ async def client(location: Location, *, max_connections: int = 16, read_timeout:
     resumes from the bytes already written instead of starting the part again.
     """
     from aiobotocore.config import AioConfig
-    from aiobotocore.session import get_session
 
     config = AioConfig(
         max_pool_connections=max_connections,
@@ -130,7 +130,7 @@ async def client(location: Location, *, max_connections: int = 16, read_timeout:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    session = get_session()
+    session = _session()
     keys = {}
     if not location.anonymous:
         keys = {
@@ -141,6 +141,14 @@ async def client(location: Location, *, max_connections: int = 16, read_timeout:
         "s3", endpoint_url=location.endpoint, region_name=location.region, config=config, **keys
     ) as s3:
         yield s3
+
+
+@lru_cache(maxsize=1)
+def _session():
+    """One botocore session per process: loading its S3 model costs about 0.2 s."""
+    from aiobotocore.session import get_session
+
+    return get_session()
 
 
 def _unsigned():
