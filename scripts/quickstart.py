@@ -160,7 +160,7 @@ def run(config_path: Path, code: Path, s3_python: str, workdir: Path) -> int:
         say(f"berth deploy {config_path.relative_to(ROOT)} --wait")
         stack.callback(remove_service, spec.name, env)
         deployed = subprocess.run([*BERTH, "deploy", str(config_path), "--wait", "--json", "--timeout", "600"],
-                                  stdout=subprocess.PIPE, text=True, env=env)
+                                  stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
         if deployed.returncode != 0:
             subprocess.run([*BERTH, "logs", spec.name, "--tail", "30"], env=env)
             say(f"the deploy failed (exit {deployed.returncode}); see above")
@@ -198,8 +198,9 @@ def main() -> int:
     parser.add_argument("--s3-python", default=sys.executable, help="a Python with moto[server] (default this one)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, state, cache) at exit")
     args = parser.parse_args()
-    # SIGTERM and SIGHUP end the run like Ctrl-C does: through the clean-up below.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGTERM and SIGHUP end the run like Ctrl-C does: through the clean-up below. SIGINT too,
+    # explicitly: a shell starting this in the background hands it SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="berth-quickstart-"))
     try:
