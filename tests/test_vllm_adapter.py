@@ -98,6 +98,8 @@ def test_compile_cache_is_shared_per_engine_build_and_device_kind(tmp_path: Path
         "VLLM_CACHE_ROOT": str(tmp_path / "compile" / cpu / "vllm"),
         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile" / cpu / "inductor"),
     }
+    assert vllm.compile_cache_env(tmp_path, cpu, {}, on_cpu=True)["VLLM_USE_AOT_COMPILE"] == "0"
+    assert "VLLM_USE_AOT_COMPILE" not in vllm.compile_cache_env(tmp_path, cpu, {"VLLM_USE_AOT_COMPILE": "1"}, on_cpu=True)
 
 
 def test_engine_versions_are_read_from_installed_metadata():
