@@ -34,13 +34,13 @@ def breakdown(pull_s: float, ready_s: float, boot_status: dict[str, Any] | None)
     storage = [seconds for step, seconds in steps.items() if step.startswith("storage ")]
     known = boot_status is not None
     return {
-        "image_pull_s": round(pull_s, 3),
+        "image_pull_s": round(pull_s, 4),
         "prepare_s": phases.get("prepare"),
-        "download_s": round(sum(storage), 3) if known else None,
+        "download_s": round(sum(storage), 4) if known else None,
         "pip_s": steps.get("pip", 0.0) if known else None,
         "engine_start_s": phases.get("launch"),
         "warmup_s": phases.get("warmup"),
-        "ready_s": round(ready_s, 3),
+        "ready_s": round(ready_s, 4),
     }
 
 
