@@ -17,12 +17,12 @@ from typing import Any, AsyncIterator
 
 import psutil
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent.supervisor import Conflict, Supervisor
-from bootstrap.spec import SpecError, parse_spec
+from bootstrap.spec import SpecError, SpecIssue, parse_spec
 
 
 def create_app(supervisor: Supervisor, token: str) -> FastAPI:
@@ -70,6 +70,23 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         view["warnings"] = [{"path": w.path, "message": w.message} for w in parsed.warnings]
         return JSONResponse(view, status_code=201 if created else 200)
 
+    @app.put("/v1/services/{name}", dependencies=auth, status_code=202)
+    async def update_service(name: str, request: Request) -> JSONResponse:
+        """Roll the service to this config (a rolling update under its rolling_strategy); `rollout` tells progress."""
+        service_or_404(name)
+        parsed = parse_spec(await request.body(), source="request body")
+        if parsed.spec.name != name:
+            raise SpecError([SpecIssue("metadata.name", f"{parsed.spec.name!r} differs from the service updated, {name!r}")])
+        view = supervisor.view(await supervisor.update(parsed.spec))
+        view["warnings"] = [{"path": w.path, "message": w.message} for w in parsed.warnings]
+        return JSONResponse(view, status_code=202)
+
+    @app.post("/v1/services/{name}/rollback", dependencies=auth, status_code=202)
+    async def rollback_service(name: str) -> dict:
+        """Roll the service back to the revision deployed before its current one."""
+        service_or_404(name)
+        return supervisor.view(await supervisor.rollback(name))
+
     @app.get("/v1/services", dependencies=auth)
     async def list_services() -> list[dict]:
         return [supervisor.view(svc) for _, svc in sorted(supervisor.services.items())]
@@ -84,12 +101,19 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         return supervisor.view(await supervisor.delete(name))
 
     @app.get("/v1/services/{name}/logs", dependencies=auth)
-    async def logs(name: str, instance: str | None = None, follow: bool = False, tail: int | None = None) -> StreamingResponse:
+    async def logs(name: str, instance: str | None = None, follow: bool = False, tail: int | None = None,
+                   previous: bool = False) -> Response:
         svc = service_or_404(name)
         chosen = next((inst for inst in svc.instances.values() if instance in (None, inst.id, str(inst.slot))), None)
         if chosen is None:
             raise HTTPException(404, f"service {name!r} has no instance {instance!r}; "
                                      f"instances: {', '.join(i.id for i in svc.instances.values())}")
+        if previous:
+            path = supervisor.previous_logs_path(chosen)
+            if not path.exists():
+                raise HTTPException(404, f"instance {chosen.id} has no previous run (it has not restarted)")
+            lines = path.read_bytes().splitlines(keepends=True)
+            return Response(b"".join(lines[-tail:] if tail else lines), media_type="text/plain")
         if chosen.handle is None:
             if chosen.last_exit is None:
                 raise HTTPException(409, f"instance {chosen.id} has not started yet (state {chosen.state.value})")
@@ -107,6 +131,17 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    def gpus_view() -> list[dict[str, Any]]:
+        """Each GPU with its holder instance, and each GPU process with its container and instance."""
+        instances = {inst.handle.id: inst.id for svc in supervisor.services.values() for inst in svc.every_instance()
+                     if inst.handle is not None}
+        gpus = supervisor.gpus.node_view()
+        for gpu in gpus:
+            gpu["instance"] = str(gpu["instance"]).split("@")[0] if gpu["instance"] else None
+            for process in gpu["processes"]:
+                process["instance"] = instances.get(process["container"] or "")
+        return gpus
+
     @app.get("/v1/node", dependencies=auth)
     async def node() -> dict[str, Any]:
         info = await asyncio.to_thread(supervisor.runtime.node_info)
@@ -121,7 +156,7 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
             "runtime": supervisor.runtime.name, "limitations": supervisor.runtime.limitations,
             "engine": info.get("engine"), "cpu": {"count": psutil.cpu_count(), "load": os.getloadavg()},
             "memory": {"total": memory.total, "available": memory.available}, "disks": disks,
-            "images": info.get("images", []), "gpus": [], "time": time.time(),
+            "images": info.get("images", []), "gpus": await asyncio.to_thread(gpus_view), "time": time.time(),
         }
 
     @app.get("/metrics", dependencies=auth)

@@ -1,4 +1,4 @@
-"""`berth agent` (the node daemon) and its client commands: deploy, ls, get, logs, rm, node.
+"""`berth agent` (the node daemon) and its client commands: deploy, update, ls, get, logs, rm, node.
 
 Imports here stay light: the daemon's FastAPI/uvicorn/docker are loaded only by `berth agent`.
 """
@@ -38,6 +38,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     deploy.add_argument("--timeout", type=float, default=900, metavar="S", help="give up waiting after S seconds (900)")
     deploy.set_defaults(handler=run_deploy)
 
+    update = subparsers.add_parser(
+        "update", parents=[client], help="roll a service to a new config, or back (--rollback)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Roll a running service to a new config, instance by instance, under its\n"
+            "metadata.rolling_strategy: up to max_surge new instances start beside the old ones, and an\n"
+            "old instance is drained (SIGTERM: it leaves the endpoints and finishes what it serves) only\n"
+            "once its replacement is Ready; max_unavailable old ones may go first. A new instance that\n"
+            "fails pauses the rollout (the old ones keep serving) and says why; --rollback returns to the\n"
+            "revision deployed before the current one. Clients should send requests to the service's\n"
+            "current `endpoints` (`berth get NAME --json`), which both revisions serve during a rollout."
+        ),
+    )
+    update.add_argument("name", metavar="NAME")
+    update.add_argument("file", metavar="FILE", nargs="?", help="the new JSON service config ('-' reads stdin)")
+    update.add_argument("--rollback", action="store_true", help="return to the previous revision (no FILE)")
+    update.add_argument("--wait", action="store_true", help="wait until the rollout completes, showing progress; "
+                        "exit 1 with the reason when it pauses")
+    update.add_argument("--timeout", type=float, default=900, metavar="S", help="give up waiting after S seconds (900)")
+    update.set_defaults(handler=run_update)
+
     ls = subparsers.add_parser("ls", parents=[client], help="list the agent's services")
     ls.set_defaults(handler=run_ls)
 
@@ -54,6 +75,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("--instance", metavar="ID", help="which instance (default the first)")
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    logs.add_argument("-p", "--previous", action="store_true", help="the last run of a restarted instance")
     logs.set_defaults(handler=run_logs)
 
     rm = subparsers.add_parser("rm", parents=[client], help="stop (SIGTERM, grace period, SIGKILL) and remove a service")
@@ -61,7 +83,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("--no-wait", action="store_true", help="return once the agent has started stopping it")
     rm.set_defaults(handler=run_rm)
 
-    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, CPU, memory, disks, images")
+    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, GPUs, CPU, memory, disks, images")
     node.set_defaults(handler=run_node)
 
 
@@ -75,7 +97,7 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
             "re-adoption of running instances after its own restart.\n\n"
             "Settings come from --config FILE (JSON; every timing lives there under \"timings\"), then\n"
             "BERTH_* variables (BERTH_LISTEN, BERTH_STATE_DIR, BERTH_CACHE_DIR, BERTH_RUNTIME, BERTH_NETWORK,\n"
-            "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY; BERTH_ALLOW_HOST_PATHS and BERTH_READ_ONLY_MOUNTS\n"
+            "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY, BERTH_GPU_INVENTORY_FILE; BERTH_ALLOW_HOST_PATHS and BERTH_READ_ONLY_MOUNTS\n"
             "comma-separated), then these flags."
         ),
     )
@@ -208,6 +230,51 @@ def run_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_update(args: argparse.Namespace) -> int:
+    if args.rollback == bool(args.file):
+        raise UsageError("give either FILE (the new config) or --rollback, not both or neither")
+    if args.rollback:
+        service = _call(args, "POST", f"/v1/services/{quote(args.name)}/rollback")
+    else:
+        try:
+            payload = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{args.file}: cannot read the file: {exc.strerror or exc}") from None
+        service = _call(args, "PUT", f"/v1/services/{quote(args.name)}", payload)
+        for warning in service.get("warnings", []):
+            print(f"warning: {warning['path']}: {warning['message']}", file=sys.stderr)
+    print(f"{service['name']}: rolling to revision {service['revision']} ({service['instance']} instance(s))", file=sys.stderr)
+    if args.wait:
+        service = _wait_rollout(args, service["name"], service["revision"], args.timeout)
+    if args.json:
+        print(json.dumps(service, indent=2))
+    return 0
+
+
+def _wait_rollout(args: argparse.Namespace, name: str, revision: str, timeout: float) -> dict:
+    started = time.monotonic()
+    seen: set[tuple] = set()
+    while True:
+        service = _call(args, "GET", f"/v1/services/{quote(name)}")
+        for inst in service["instances"]:
+            key = (inst["id"], inst["revision"], inst["state"])
+            if key not in seen:
+                seen.add(key)
+                print(f"[{time.monotonic() - started:6.1f}s] {inst['id']} {inst['revision']}: {inst['state']}"
+                      + (f" ({inst['reason']})" if inst["reason"] else ""), file=sys.stderr)
+        rollout = service.get("rollout") or {}
+        if service["revision"] != revision:
+            raise CommandFailed(f"{name}: another update (revision {service['revision']}) superseded this one")
+        if rollout.get("state") == "Paused":
+            raise CommandFailed(f"{name}: rollout paused: {rollout['reason']}")
+        if rollout.get("state") == "Complete":
+            print(f"{name}: every instance on revision {revision} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+            return service
+        if time.monotonic() - started > timeout:
+            raise CommandFailed(f"{name}: rollout not complete within {timeout:.0f} s")
+        time.sleep(0.25)
+
+
 def _wait_ready(args: argparse.Namespace, name: str, timeout: float) -> dict:
     started = time.monotonic()
     seen: dict[str, tuple[str, str]] = {}
@@ -267,10 +334,13 @@ def run_get(args: argparse.Namespace) -> int:
         return 0
     print(f"{service['name']}  revision {service['revision']}  runtime {service['runtime']}  image {service['image']}  "
           f"{service['ready']}/{service['instance']} ready")
-    rows = [["INSTANCE", "STATE", "READY", "RESTARTS", "GPUS", "ENDPOINT", "LAST EXIT", "REASON"]]
+    rollout = service.get("rollout")
+    if rollout and rollout["state"] != "Complete":
+        print(f"rollout {rollout['state']} to {rollout['revision']}" + (f": {rollout['reason']}" if rollout["reason"] else ""))
+    rows = [["INSTANCE", "REVISION", "STATE", "READY", "RESTARTS", "GPUS", "ENDPOINT", "LAST EXIT", "REASON"]]
     for inst in service["instances"]:
         last = inst["last_exit"]
-        rows.append([inst["id"], inst["state"], "yes" if inst["ready"] else "no", str(inst["restarts"]),
+        rows.append([inst["id"], inst["revision"], inst["state"], "yes" if inst["ready"] else "no", str(inst["restarts"]),
                      ",".join(inst["gpus"]) or "-", inst["endpoint"] or "-",
                      f"{last['code']} {last['reason']}" if last else "-", inst["reason"] or "-"])
     print(_table(rows))
@@ -288,6 +358,8 @@ def run_logs(args: argparse.Namespace) -> int:
         query += f"&instance={quote(args.instance)}"
     if args.tail is not None:
         query += f"&tail={args.tail}"
+    if args.previous:
+        query += "&previous=true"
     from agent.client import ApiError
 
     try:
@@ -332,6 +404,13 @@ def run_node(args: argparse.Namespace) -> int:
     for label, disk in node["disks"].items():
         print(f"disk      {label}: {disk['path']} {format_bytes(disk['free'])} free of {format_bytes(disk['total'])}")
     print(f"gpus      {len(node['gpus'])}")
+    for gpu in node["gpus"]:
+        utilization = "?" if gpu["utilization_percent"] is None else f"{gpu['utilization_percent']}%"
+        print(f"          {gpu['uuid']}  {gpu['name']}  {format_bytes(gpu['memory_used_bytes'])} of "
+              f"{format_bytes(gpu['memory_total_bytes'])} used, {utilization} busy, held by {gpu['instance'] or '-'}")
+        for process in gpu["processes"]:
+            owner = process["instance"] or (process["container"] or "")[:12] or "host"
+            print(f"            pid {process['pid']} ({owner})")
     images = node["images"]
     print(f"images    {len(images)}" + (f" ({format_bytes(sum(i['size'] for i in images))})" if images else ""))
     for image in images:

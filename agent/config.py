@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.imagegc import DEFAULT_HIGH_THRESHOLD_PERCENT, DEFAULT_LOW_THRESHOLD_PERCENT, DEFAULT_MIN_AGE_S, ImageGcPolicy
+from agent.logs import DEFAULT_LOG_MAX_FILES, DEFAULT_LOG_MAX_SIZE_BYTES
 from bootstrap.errors import UsageError
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
@@ -47,6 +49,12 @@ class Timings(_Model):
     pull_retry_delay_s: float = Field(2, ge=0, description="first delay between pull retries, doubled each time")
     process_poll_s: float = Field(0.2, gt=0, description="how often the process runtime checks its processes")
     exit_log_lines: int = Field(20, ge=0, description="last log lines kept with an instance's exit")
+    eviction_period_s: float = Field(10, gt=0, description="how often instances' disk use is measured (kubelet housekeeping)")
+    eviction_grace_s: float = Field(1, ge=0, description="SIGTERM-to-SIGKILL grace of an evicted instance")
+    image_gc_period_s: float = Field(300, gt=0, description="how often the image filesystem is checked (kubelet)")
+    gpu_check_period_s: float = Field(60, gt=0, description="how often instances with GPUs check they still see them")
+    # Kubernetes' progressDeadlineSeconds: a new instance not Ready by then pauses the rollout.
+    rollout_ready_timeout_s: float = Field(600, gt=0, description="time a new instance of a rollout has to become Ready")
 
 
 class AgentConfig(_Model):
@@ -72,6 +80,18 @@ class AgentConfig(_Model):
     )
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
     allow_fuse: bool = Field(False, description="allow /dev/fuse and SYS_ADMIN for `fuse` object-store mounts")
+    gpu_inventory_file: Path | None = Field(
+        None, description="a recorded GPU inventory (JSON, as `python -m agent.gpus` prints) instead of NVML")
+    log_max_size_bytes: int = Field(DEFAULT_LOG_MAX_SIZE_BYTES, ge=1, description="container log size before rotation (kubelet)")
+    log_max_files: int = Field(DEFAULT_LOG_MAX_FILES, ge=1, description="log files kept per container (kubelet)")
+    image_gc_high_threshold_percent: float = Field(DEFAULT_HIGH_THRESHOLD_PERCENT, gt=0, le=100,
+                                                   description="image filesystem use that starts image GC (kubelet)")
+    image_gc_low_threshold_percent: float = Field(DEFAULT_LOW_THRESHOLD_PERCENT, ge=0, lt=100,
+                                                  description="image filesystem use image GC frees down to (kubelet)")
+    image_gc_min_age_s: float = Field(DEFAULT_MIN_AGE_S, ge=0, description="unused images younger than this are kept (kubelet)")
+    image_gc_repositories: list[str] = Field(
+        default_factory=list, description="patterns (fnmatch) of the image references GC may remove; empty: every image "
+                                          "(kubelet), e.g. ['registry.local:5000/*'] on a node shared with other software")
     timings: Timings = Field(default_factory=Timings)
 
     @field_validator("listen")
@@ -95,6 +115,16 @@ class AgentConfig(_Model):
                 raise ValueError(f"{root!r} must be an absolute path (or server:/path for NFS)")
         return value
 
+    @model_validator(mode="after")
+    def _gc_thresholds(self) -> "AgentConfig":
+        self.image_gc_policy  # raises ValueError naming the settings when low >= high
+        return self
+
+    @property
+    def image_gc_policy(self) -> ImageGcPolicy:
+        return ImageGcPolicy(self.image_gc_high_threshold_percent, self.image_gc_low_threshold_percent, self.image_gc_min_age_s,
+                             tuple(self.image_gc_repositories))
+
     @property
     def token_path(self) -> Path:
         return self.state_dir / "token"
@@ -106,7 +136,7 @@ class AgentConfig(_Model):
 
 # Flags and BERTH_* variables that map onto one config field each; lists are comma-separated
 # in the environment. `env` has no variable: values may hold commas, so it comes by file or flag.
-SCALAR_FIELDS = ("listen", "state_dir", "cache_dir", "runtime", "network", "host_ip", "image_pull_policy")
+SCALAR_FIELDS = ("listen", "state_dir", "cache_dir", "runtime", "network", "host_ip", "image_pull_policy", "gpu_inventory_file")
 LIST_FIELDS = ("allow_host_paths", "read_only_mounts")
 
 

@@ -7,20 +7,21 @@ are the agent's, with the kubelet's backoff, never Docker's own 100 ms -> 1 min 
 
 from __future__ import annotations
 
-import calendar
 import logging
 import os
-import re
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
 
+from agent import gpus, logs
 from agent.config import AgentConfig
+from agent.disk import DiskUsage, QuotaSupport, measure_instance_disk, storage_quota_support
+from agent.dockertime import docker_time
+from agent.imagegc import GcResult, ImageGc
 from agent.pull import Puller, PullError
 from agent.runtime import (
     ADMIN_PORT,
@@ -54,17 +55,6 @@ def engine_reachable() -> bool:
         return False
 
 
-def _timestamp(value: str) -> float:
-    """Docker's RFC 3339 time with nanoseconds -> epoch seconds."""
-    if not value or value.startswith("0001-"):
-        return 0.0
-    match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", value)
-    if not match:
-        return 0.0
-    whole = calendar.timegm(time.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S"))
-    return whole + float(match.group(2) or 0)
-
-
 class DockerRuntime:
     name = "docker"
     limitations: list[str] = []
@@ -74,6 +64,8 @@ class DockerRuntime:
         self._client = docker.from_env(timeout=120)
         self._puller = Puller(lambda timeout: docker.from_env(timeout=timeout).api, config.timings, config.registry_mirrors, config.registry_auth)
         self._secrets_root = config.state_dir / "secrets"
+        self._images_gc = ImageGc(self._client, config.image_gc_policy)
+        self._quota: QuotaSupport | None = None  # probed at the first start that asks for a disk limit
 
     # --- images -------------------------------------------------------------------------------
 
@@ -103,6 +95,9 @@ class DockerRuntime:
             api.start(created["Id"])
         except APIError as exc:
             message = str(exc.explanation or exc)
+            if (no_gpus := gpus.explain_start_error(exc)) is not None:
+                # Kept (created, never started) so `docker inspect` shows what was asked of the engine.
+                raise LaunchError(str(no_gpus), permanent=True, reason="GpuRuntimeMissing", instance_id=created["Id"]) from None
             api.remove_container(created["Id"], v=True, force=True)
             if "executable file not found" in message and '"berth"' in message:
                 raise LaunchError(f"{request.image}: {NO_BERTH_HINT}", permanent=True) from None
@@ -129,8 +124,9 @@ class DockerRuntime:
             shm_size=request.shm_bytes,
             mem_limit=request.memory_bytes,
             nano_cpus=int(request.cpu * 1e9) if request.cpu else None,
-            device_requests=[DeviceRequest(driver="nvidia", device_ids=list(request.gpus), capabilities=[["gpu"]])]
-            if request.gpus else None,
+            device_requests=[gpus.device_request(request.gpus)] if request.gpus else None,
+            log_config=logs.log_config(self._config.log_max_size_bytes, self._config.log_max_files),
+            **self._quota_options(request),
             devices=["/dev/fuse:/dev/fuse:rwm"] if request.fuse else None,
             cap_add=["SYS_ADMIN"] if request.fuse else None,
         )
@@ -145,6 +141,16 @@ class DockerRuntime:
         elif request.argv:
             args["command"] = request.argv
         return args
+
+    def _quota_options(self, request: LaunchRequest) -> dict:
+        """`storage_opt size` where the engine enforces it; elsewhere the supervisor measures and evicts."""
+        if request.disk_limit_bytes is None:
+            return {}
+        if self._quota is None:
+            self._quota = storage_quota_support(self._client, request.image)
+            log.info("system-disk limit: %s%s", self._quota.reason,
+                     "" if self._quota.supported else "; instances are measured and evicted over their limit instead")
+        return self._quota.create_options(request.disk_limit_bytes)
 
     def _image_command(self, image: str) -> list[str]:
         """The image's own command, run under `berth boot` when the spec gives none.
@@ -221,7 +227,7 @@ class DockerRuntime:
             id=attrs["Id"],
             labels=labels,
             running=bool(state["Running"]),
-            created_at=_timestamp(attrs["Created"]),
+            created_at=docker_time(attrs["Created"]) or 0.0,
             host_ip=self._config.host_ip,
             proxy_port=int(labels[LABEL_PROXY_PORT]) if host_mode else host_port(PROXY_PORT),
             admin_port=int(labels[LABEL_ADMIN_PORT]) if host_mode else host_port(ADMIN_PORT),
@@ -236,7 +242,7 @@ class DockerRuntime:
         reason = "OOMKilled" if oom else ("Completed" if code == 0 else "Error")
         if state.get("Error"):
             reason = "ContainerCannotRun"
-        return ExitInfo(code=code, oom=oom, reason=reason, at=_timestamp(state.get("FinishedAt", "")) or time.time(),
+        return ExitInfo(code=code, oom=oom, reason=reason, at=docker_time(state.get("FinishedAt")) or time.time(),
                         message=state.get("Error", ""), log_tail=self._tail(attrs["Id"]))
 
     def _tail(self, container_id: str) -> list[str]:
@@ -307,6 +313,21 @@ class DockerRuntime:
         ]
         return {"engine": f"Docker {info.get('ServerVersion')}", "storage_driver": info.get("Driver"),
                 "root_dir": info.get("DockerRootDir"), "images": images}
+
+    def disk_usage(self, instance_id: str, empty_dir_paths: list[str]) -> DiskUsage | None:
+        try:
+            return measure_instance_disk(self._client, instance_id, empty_dir_paths)
+        except NotFound:
+            return None
+
+    def check_gpus(self, instance_id: str, uuids: list[str]) -> gpus.GpuCheck | None:
+        try:
+            return gpus.check_container_gpus(self._client.containers.get(instance_id), uuids)
+        except NotFound:
+            return None
+
+    def collect_images(self, keep: Iterable[str]) -> GcResult:
+        return self._images_gc.collect(keep)
 
     def close(self) -> None:
         self._client.close()

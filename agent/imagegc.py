@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from agent.dockertime import docker_time
 from bootstrap.units import format_bytes
 
 if TYPE_CHECKING:
@@ -227,16 +226,8 @@ class ImageGc:
 
     def _arrival(self, image: dict[str, Any]) -> float:
         stamp = (self.client.api.inspect_image(image["Id"]).get("Metadata") or {}).get("LastTagTime") or ""
-        return _parse_time(stamp) or float(image.get("Created") or 0)
+        return docker_time(stamp) or float(image.get("Created") or 0)
 
 
 def _references(image: dict[str, Any]) -> list[str]:
     return [tag for tag in image.get("RepoTags") or [] if tag != "<none>:<none>"]
-
-
-def _parse_time(stamp: str) -> float | None:
-    """Docker's RFC 3339 time with nanoseconds ("2026-11-23T05:54:00.123456789Z"); None for its zero time."""
-    if not stamp or stamp.startswith("0001-"):
-        return None
-    microseconds = re.sub(r"(\.\d{6})\d+", r"\1", stamp)  # Python reads at most 6 fraction digits
-    return datetime.fromisoformat(microseconds.replace("Z", "+00:00")).timestamp()

@@ -121,9 +121,16 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         proxy_port, admin_port = free_port(config.host_ip), free_port(config.host_ip)
         labels[rt.LABEL_PROXY_PORT], labels[rt.LABEL_ADMIN_PORT] = str(proxy_port), str(admin_port)
     return rt.LaunchRequest(
-        service=spec.name, slot=slot, name=f"berth-{spec.name}-{slot}", image=container.image, argv=argv, env=env,
+        service=spec.name, slot=slot, name=container_name(spec.name, slot, revision), image=container.image, argv=argv, env=env,
         labels=labels, mounts=mounts, secret_files=secret_files, cpu=spec.metadata.cpu,
         memory_bytes=spec.metadata.memory_bytes, shm_bytes=spec.metadata.shm_bytes, gpus=gpus,
         grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
         app_port=container.port, bootstrap=container.bootstrap, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
+        disk_limit_bytes=spec.features.disk_limit_bytes,
     )
+
+
+def container_name(service: str, slot: int, revision: str) -> str:
+    """`berth-NAME-SLOT-REV`: the revision in the name lets a rollout start an instance's
+    replacement beside it (surge) before the old one is drained."""
+    return f"berth-{service}-{slot}-{revision.rsplit('-', 1)[-1][:8]}"

@@ -36,6 +36,8 @@ LIMITATIONS = [
     "GPU isolation is by CUDA_VISIBLE_DEVICES only",
     "the image is not used: berth and the service's command must exist on this host",
     "storage: local paths are linked at their mount path, nfs is not mounted",
+    "the system-disk limit (extra-ephemeral-storage) is neither enforced nor measured",
+    "a lost GPU is not detected (no in-container check)",
 ]
 BOOT_ENTRY = "from bootstrap.cli import main; raise SystemExit(main())"
 
@@ -250,6 +252,15 @@ class ProcessRuntime:
 
     def node_info(self) -> dict:
         return {"engine": f"local processes (Python {sys.version.split()[0]})", "images": []}
+
+    def disk_usage(self, instance_id: str, empty_dir_paths: list[str]) -> None:
+        return None  # see LIMITATIONS
+
+    def check_gpus(self, instance_id: str, uuids: list[str]) -> None:
+        return None  # see LIMITATIONS
+
+    def collect_images(self, keep) -> None:  # noqa: ANN001 - no images here
+        return None
 
     def close(self) -> None:
         return None

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from agent.disk import DiskUsage
+    from agent.gpus import GpuCheck
+    from agent.imagegc import GcResult
 
 # Labels on every instance (Docker labels, or the process runtime's record).
 LABEL_SERVICE = "berth.service"
@@ -59,6 +64,7 @@ class LaunchRequest:
     proxy_port: int | None = None  # host mode: the ports the agent chose
     admin_port: int | None = None
     fuse: bool = False
+    disk_limit_bytes: int | None = None  # a hard quota where the runtime can enforce one
 
 
 @dataclass
@@ -107,12 +113,17 @@ class Handle:
 
 
 class LaunchError(Exception):
-    """A runtime operation failed. `permanent` errors are not retried (a missing `berth`, bad config)."""
+    """A runtime operation failed. `permanent` errors are not retried (a missing `berth`, bad config).
 
-    def __init__(self, message: str, *, permanent: bool = False, reason: str = "ContainerCannotRun") -> None:
+    `instance_id`: an instance created but not started, kept so the operator can inspect it.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False, reason: str = "ContainerCannotRun",
+                 instance_id: str | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
         self.reason = reason
+        self.instance_id = instance_id
 
 
 class Runtime(Protocol):
@@ -144,5 +155,14 @@ class Runtime(Protocol):
         """Block, calling `on_exit(instance_id)` within a second of each exit, until `stopped()`."""
 
     def node_info(self) -> dict: ...
+
+    def disk_usage(self, instance_id: str, empty_dir_paths: list[str]) -> "DiskUsage | None":
+        """What the instance occupies on the node's disk; None where this runtime cannot measure it."""
+
+    def check_gpus(self, instance_id: str, uuids: list[str]) -> "GpuCheck | None":
+        """Whether the running instance still sees its GPUs; None where this runtime cannot tell."""
+
+    def collect_images(self, keep: Iterable[str]) -> "GcResult | None":
+        """Image GC when the image filesystem is past its threshold; None where there are no images."""
 
     def close(self) -> None: ...

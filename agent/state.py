@@ -74,7 +74,19 @@ class Store:
             "ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, revision=excluded.revision, updated=excluded.updated, deleting=0",
             (name, text, revision, now, now),
         )
-        self._run("INSERT OR IGNORE INTO revisions VALUES (?, ?, ?, ?)", (name, revision, text, now))
+        # `created` of a revision is when it was last deployed, so the newest other one is what a rollback returns to.
+        self._run("INSERT INTO revisions VALUES (?, ?, ?, ?) ON CONFLICT(service, revision) DO UPDATE SET created=excluded.created",
+                  (name, revision, text, now))
+
+    def revision_spec(self, name: str, revision: str) -> dict[str, Any] | None:
+        rows = self._run("SELECT spec FROM revisions WHERE service=? AND revision=?", (name, revision))
+        return json.loads(rows[0][0]) if rows else None
+
+    def previous_revision(self, name: str, current: str) -> tuple[str, dict[str, Any]] | None:
+        """The revision deployed most recently before `current` (what `berth update --rollback` returns to)."""
+        rows = self._run("SELECT revision, spec FROM revisions WHERE service=? AND revision!=? ORDER BY created DESC LIMIT 1",
+                         (name, current))
+        return (rows[0][0], json.loads(rows[0][1])) if rows else None
 
     def services(self) -> list[StoredService]:
         rows = self._run("SELECT name, spec, revision, deleting, created FROM services ORDER BY name")

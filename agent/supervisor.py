@@ -6,16 +6,17 @@ One asyncio task per instance walks the states (one vocabulary everywhere: API, 
                               ^          |
                               |          v  (exit, or liveness failed)
                               +------ BackOff            Failed (permanent error, crash block)
-    Stopping -> Stopped (rm)                             Evicted (disk limit: agent/disk.py, later)
+    Stopping -> Stopped (rm, rollout)                    Evicted (over its disk limit) -> BackOff
 
 Probing follows the kubelet, with one change: while an instance starts, `/ready` is asked every
 100 ms (start_probe_period_s) rather than at the probe period, so deploy-to-ready is not padded.
 Exits come from the runtime's event stream (Docker's `die` events) within a second.
 Restarts: 10 s doubling to 300 s, reset after 10 min healthy (the kubelet's numbers; all settable).
 
-Where the next agent issue plugs in: GPU assignment (`_assign_gpus`, today the node has no
-inventory), disk-limit eviction (an `evict()` that stops an instance into EVICTED) and image GC
-(which asks `images_in_use()`).
+Each instance carries its own spec and revision: during a rolling update (`update`) a slot's
+new instance starts beside the old one (surge), and the old one is drained only once the new
+one is Ready. Housekeeping loops run beside the instances: disk-limit eviction, the lost-GPU
+check and image GC, each at a period from the operator's configuration.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -33,10 +35,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from agent import coldstart, launch
 from agent.config import AgentConfig
+from agent.disk import DISK_LIMIT_EXCEEDED, DiskLimitPolicy
+from agent.gpus import GpuAllocator, GpuRequestRefused, GpusPending, open_inventory
 from agent.pull import PullError
 from agent.revision import revision as revision_of
-from agent.runtime import ExitInfo, Handle, LaunchError, Runtime
+from agent.runtime import LABEL_GPUS, ExitInfo, Handle, LaunchError, Runtime
 from agent.state import StoredInstance, Store
+from bootstrap.errors import CommandFailed
 from bootstrap.spec import ServiceSpec, SpecError, parse_spec
 
 log = logging.getLogger("berth.agent")
@@ -63,6 +68,8 @@ class Conflict(Exception):
 class Instance:
     service: str
     slot: int
+    spec: ServiceSpec
+    revision: str
     state: State = State.PENDING
     reason: str = ""
     ready: bool = False
@@ -75,6 +82,9 @@ class Instance:
     launched_at: float | None = None
     pull_s: float = 0.0
     cold_start: dict[str, float | None] | None = None  # agent/coldstart.py, once Ready
+    # Why the agent itself stopped the running instance (eviction, lost GPU): (reason, message).
+    stopped_by_agent: tuple[str, str] | None = None
+    surge: bool = False  # a rollout's new instance, beside the old one of its slot until Ready
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -82,15 +92,25 @@ class Instance:
     def id(self) -> str:
         return f"{self.service}-{self.slot}"
 
+    @property
+    def gpu_key(self) -> str:
+        """The GPU holder's name: a slot's old and new instance (a rollout's surge) hold GPUs apart."""
+        return f"{self.id}@{self.revision}"
+
+    @property
+    def endpoint(self) -> str | None:
+        handle = self.handle
+        if handle is None or not handle.running:
+            return None
+        port = handle.proxy_port or handle.app_port
+        return f"http://{handle.host_ip}:{port}" if port else None
+
     def view(self) -> dict[str, Any]:
         handle = self.handle
-        endpoint = admin = None
-        if handle is not None and handle.running:
-            port = handle.proxy_port or handle.app_port
-            endpoint = f"http://{handle.host_ip}:{port}" if port else None
-            admin = f"http://{handle.host_ip}:{handle.admin_port}" if handle.admin_port else None
+        endpoint = self.endpoint
+        admin = f"http://{handle.host_ip}:{handle.admin_port}" if endpoint and handle.admin_port else None
         return {
-            "id": self.id, "state": self.state.value, "ready": self.ready, "reason": self.reason,
+            "id": self.id, "revision": self.revision, "state": self.state.value, "ready": self.ready, "reason": self.reason,
             "restarts": self.restarts, "gpus": self.gpus, "endpoint": endpoint, "admin_endpoint": admin,
             "runtime_id": handle.id if handle else None,
             "last_exit": self.last_exit.as_json() if self.last_exit else None,
@@ -104,11 +124,17 @@ class Service:
     revision: str
     created: float
     instances: dict[int, Instance] = field(default_factory=dict)
+    surge: list[Instance] = field(default_factory=list)  # a rollout's new instances, not yet Ready
     deleting: bool = False
+    rollout: dict[str, Any] | None = None
+    rollout_task: asyncio.Task | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def every_instance(self) -> list[Instance]:
+        return [*self.instances.values(), *self.surge]
 
 
 class Metrics:
@@ -128,6 +154,8 @@ class Supervisor:
         self.store = store
         self.services: dict[str, Service] = {}
         self.metrics = Metrics()
+        self.gpus = GpuAllocator(open_inventory(config.gpu_inventory_file), config.state_dir / "gpu-checkpoint.json")
+        self._gpus_freed = asyncio.Event()  # replaced after each release: Pending instances wait on it
         self._by_runtime_id: dict[str, Instance] = {}
         self._early_exits: set[str] = set()
         self._subscribers: set[asyncio.Queue] = set()
@@ -147,14 +175,20 @@ class Supervisor:
         started = time.monotonic()
         handles = await asyncio.to_thread(self.runtime.list)
         adopted = self._adopt(handles)
-        log.info("runtime %s: %d instance(s) found, %d adopted in %.2f s", self.runtime.name, len(handles), adopted,
-                 time.monotonic() - started)
-        self._spawn(self._reap_strays_forever())
+        log.info("runtime %s: %d instance(s) found, %d adopted in %.2f s; GPUs from %s", self.runtime.name, len(handles),
+                 adopted, time.monotonic() - started, self.gpus.inventory.describe())
+        timings = self.config.timings
+        for period, housekeeping in ((timings.reaper_period_s, self.reap_strays),
+                                     (timings.eviction_period_s, self.evict_over_disk_limit),
+                                     (timings.gpu_check_period_s, self.check_gpus),
+                                     (timings.image_gc_period_s, self.collect_images)):
+            self._spawn(self._every(period, housekeeping))
 
     async def close(self) -> None:
         """Stop supervising. Instances keep running: a restarted agent re-adopts them."""
         self._closing = True
-        tasks = [inst.task for svc in self.services.values() for inst in svc.instances.values() if inst.task]
+        tasks = [inst.task for svc in self.services.values() for inst in svc.every_instance() if inst.task]
+        tasks += [svc.rollout_task for svc in self.services.values() if svc.rollout_task]
         for task in [*tasks, *self._background]:
             task.cancel()
         await asyncio.gather(*tasks, *self._background, return_exceptions=True)
@@ -167,11 +201,21 @@ class Supervisor:
         task.add_done_callback(self._background.discard)
         return task
 
+    async def _every(self, period: float, housekeeping) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await housekeeping()
+            except Exception:  # noqa: BLE001 - housekeeping must outlive one bad pass
+                log.exception("%s failed; tried again in %.0f s", housekeeping.__name__, period)
+
     def _adopt(self, handles: list[Handle]) -> int:
         """Rebuild services from the store and attach the runtime's instances to them.
 
-        Matching revision: adopted as it runs, never restarted. Other revision: replaced by its
-        lifecycle. Exited: its exit is handled as if just seen. Unknown: a stray (reaper).
+        Matching revision: adopted as it runs, never restarted. An older revision the store
+        still knows (an update under way when the agent stopped): adopted, and the rollout
+        resumes. Unknown revision: replaced by its lifecycle. Exited: its exit is handled as
+        if just seen. Unknown service or slot: a stray (reaper).
         """
         found: dict[tuple[str, int], Handle] = {}
         for handle in sorted(handles, key=lambda h: h.created_at):
@@ -188,20 +232,45 @@ class Supervisor:
             if svc.deleting:
                 self._spawn(self._delete(svc))
                 continue
+            stale = False
             for slot in range(spec.metadata.instance):
-                inst = self._new_instance(svc, slot)
                 handle = found.pop((svc.name, slot), None)
+                own_spec, own_revision = spec, svc.revision
+                if handle is not None and handle.revision != svc.revision:
+                    older = self.store.revision_spec(svc.name, handle.revision)
+                    if older is not None:
+                        own_spec, own_revision, stale = parse_spec(older).spec, handle.revision, True
+                inst = self._new_instance(svc, slot, own_spec, own_revision)
                 if handle is not None:
                     self._attach(inst, handle)
-                    if handle.revision == svc.revision:
+                    if handle.revision == inst.revision:
                         adopted += 1
+                        self._adopt_gpus(inst, handle)
                         self._event("Adopted", f"adopted {handle.id[:12]} ({'running' if handle.running else 'exited'})", svc.name, inst)
-                inst.task = asyncio.create_task(self._lifecycle(svc, inst))
+                inst.task = asyncio.create_task(self._lifecycle(inst))
+            if stale:
+                self._start_rollout(svc)
+        self.gpus.retain_only(inst.gpu_key for svc in self.services.values() for inst in svc.instances.values())
         return adopted
 
-    def _new_instance(self, svc: Service, slot: int) -> Instance:
+    def _adopt_gpus(self, inst: Instance, handle: Handle) -> None:
+        uuids = [uuid for uuid in handle.labels.get(LABEL_GPUS, "").split(",") if uuid]
+        if not uuids:
+            return
+        try:
+            self.gpus.adopt(inst.gpu_key, uuids)
+            inst.gpus = uuids
+        except CommandFailed as exc:
+            self._event("GpuConflict", str(exc), inst.service, inst)
+
+    def _new_instance(self, svc: Service, slot: int, spec: ServiceSpec, revision: str, *, surge: bool = False) -> Instance:
+        """An instance of `svc` in `slot`; a surge instance (a rollout's new one) starts with a clean record."""
+        if surge:
+            inst = Instance(svc.name, slot, spec, revision, surge=True)
+            svc.surge.append(inst)
+            return inst
         stored = self.store.instance(svc.name, slot)
-        inst = Instance(svc.name, slot, restarts=stored.restarts, gpus=stored.gpus,
+        inst = Instance(svc.name, slot, spec, revision, restarts=stored.restarts, gpus=stored.gpus,
                         last_exit=ExitInfo.from_json(stored.last_exit) if stored.last_exit else None)
         svc.instances[slot] = inst
         return inst
@@ -225,7 +294,7 @@ class Supervisor:
         else:
             inst.exited.set()
 
-    # --- deploy and delete --------------------------------------------------------------------
+    # --- deploy, update and delete ------------------------------------------------------------
 
     def check(self, spec: ServiceSpec) -> None:
         """Raise SpecError (422) for what the operator's policy forbids."""
@@ -245,16 +314,130 @@ class Supervisor:
                 raise Conflict(f"service {spec.name!r} is being removed; deploy again once `berth get {spec.name}` says not found")
             if existing.revision == revision and existing.spec.metadata.instance == spec.metadata.instance:
                 return existing, False
-            raise Conflict(f"service {spec.name!r} already runs revision {existing.revision}; remove it first "
-                           f"(`berth rm {spec.name}`); in-place updates arrive with `berth update`")
+            raise Conflict(f"service {spec.name!r} already runs revision {existing.revision}; roll it to this config "
+                           f"with `berth update {spec.name} FILE` (or remove it first with `berth rm {spec.name}`)")
         self.store.put_service(spec.name, spec.to_json_dict(reveal_secrets=True), revision)
         svc = Service(spec, revision, time.time())
         self.services[spec.name] = svc
         self._event("Deployed", f"revision {revision}, {spec.metadata.instance} instance(s), image {spec.container.image}", svc.name)
         for slot in range(spec.metadata.instance):
-            inst = self._new_instance(svc, slot)
-            inst.task = asyncio.create_task(self._lifecycle(svc, inst))
+            inst = self._new_instance(svc, slot, spec, revision)
+            inst.task = asyncio.create_task(self._lifecycle(inst))
         return svc, True
+
+    async def update(self, spec: ServiceSpec) -> Service:
+        """Roll `spec.name` to `spec` (a rolling update); returns at once, the rollout runs on."""
+        svc = self.services.get(spec.name)
+        if svc is None:
+            raise KeyError(spec.name)
+        if svc.deleting:
+            raise Conflict(f"service {spec.name!r} is being removed")
+        self.check(spec)
+        revision = revision_of(spec)
+        unchanged = revision == svc.revision and spec.metadata.instance == svc.spec.metadata.instance
+        if unchanged and not (svc.rollout and svc.rollout["state"] == "Paused"):
+            return svc
+        previous = svc.revision
+        self.store.put_service(spec.name, spec.to_json_dict(reveal_secrets=True), revision)
+        svc.spec, svc.revision = spec, revision
+        self._event("Updating", f"revision {previous} -> {revision}, {spec.metadata.instance} instance(s), "
+                                f"image {spec.container.image}", svc.name)
+        self._start_rollout(svc)
+        return svc
+
+    async def rollback(self, name: str) -> Service:
+        """Roll back to the revision deployed before the current one."""
+        svc = self.services.get(name)
+        if svc is None:
+            raise KeyError(name)
+        previous = self.store.previous_revision(name, svc.revision)
+        if previous is None:
+            raise Conflict(f"service {name!r} has no earlier revision to roll back to (only {svc.revision})")
+        self._event("RollingBack", f"to revision {previous[0]}", name)
+        return await self.update(parse_spec(previous[1]).spec)
+
+    def _start_rollout(self, svc: Service) -> None:
+        if svc.rollout_task is not None:
+            svc.rollout_task.cancel()  # a newer update supersedes the one under way (Kubernetes: rollover)
+        svc.rollout_task = self._spawn(self._rollout(svc, svc.rollout_task))
+
+    async def _rollout(self, svc: Service, superseded: asyncio.Task | None) -> None:
+        """Replace each instance of an older revision, `surge` new ones beside the old at a time.
+
+        A new instance must be Ready before the old one of its slot is drained (SIGTERM: the
+        bootstrap stops reporting ready and keeps serving for its drain delay). `max_unavailable`
+        old instances may go first. A new instance that fails pauses the rollout, old ones serving.
+        """
+        if superseded is not None:
+            await asyncio.gather(superseded, return_exceptions=True)
+        spec, revision = svc.spec, svc.revision
+        count = spec.metadata.instance
+        strategy = spec.metadata.rolling_strategy
+        surge, unavailable = strategy.surge(count), strategy.unavailable(count)
+        if self.host_ports:
+            # Two instances of one service would bind the same app port on the host.
+            surge, unavailable = 0, max(1, unavailable)
+        started = time.time()
+        svc.rollout = {"state": "Progressing", "revision": revision, "reason": "", "started": started, "finished": None,
+                       "max_surge": surge, "max_unavailable": unavailable}
+        await asyncio.gather(*(self._retire(svc, inst) for inst in list(svc.surge)))  # an interrupted rollout's
+        for slot in range(count):
+            if slot not in svc.instances:  # scaled up
+                inst = self._new_instance(svc, slot, spec, revision)
+                inst.task = asyncio.create_task(self._lifecycle(inst))
+        stale = [slot for slot in sorted(svc.instances) if slot < count and svc.instances[slot].revision != revision]
+        while stale:
+            batch, stale = stale[:surge + unavailable], stale[surge + unavailable:]
+            early = batch[:unavailable]
+            await asyncio.gather(*(self._retire(svc, svc.instances[slot]) for slot in early))
+            fresh = {slot: self._new_instance(svc, slot, spec, revision, surge=True) for slot in batch}
+            for inst in fresh.values():
+                inst.task = asyncio.create_task(self._lifecycle(inst))
+            failure = await self._ready_or_failed(list(fresh.values()))
+            if failure is not None:
+                await asyncio.gather(*(self._retire(svc, inst) for inst in fresh.values()))
+                svc.rollout.update(state="Paused", reason=failure)
+                self._event("RolloutPaused", f"{failure}; old instances keep serving; `berth update --rollback "
+                                             f"{svc.name}` returns to the previous revision", svc.name)
+                return
+            for slot, inst in fresh.items():
+                old = svc.instances[slot]
+                svc.instances[slot] = inst
+                svc.surge.remove(inst)
+                inst.surge = False
+                self._persist(inst)
+                if slot not in early:
+                    await self._retire(svc, old)
+        for slot in [slot for slot in svc.instances if slot >= count]:  # scaled down
+            await self._retire(svc, svc.instances.pop(slot))
+            self.store.drop_instance(svc.name, slot)
+        svc.rollout.update(state="Complete", finished=time.time())
+        self._event("RolloutComplete", f"every instance on revision {revision} in {time.time() - started:.1f} s", svc.name)
+
+    async def _ready_or_failed(self, fresh: list[Instance]) -> str | None:
+        """Wait until every new instance is Ready; the reason of the first that fails, else None."""
+        deadline = time.monotonic() + self.config.timings.rollout_ready_timeout_s
+        while not all(inst.ready for inst in fresh):
+            for inst in fresh:
+                if inst.state in (State.BACKOFF, State.FAILED, State.EVICTED) or inst.last_exit is not None:
+                    tail = inst.last_exit.log_tail[-1:] if inst.last_exit else []
+                    return f"new instance {inst.id} (revision {inst.revision}) {inst.state.value}: {inst.reason}" + (
+                        f"; last log line: {tail[0]}" if tail else "")
+            if time.monotonic() > deadline:
+                waiting = next(inst for inst in fresh if not inst.ready)
+                return (f"new instance {waiting.id} (revision {waiting.revision}) not Ready within "
+                        f"{self.config.timings.rollout_ready_timeout_s:.0f} s ({waiting.state.value}: {waiting.reason})")
+            await asyncio.sleep(0.05)
+        return None
+
+    async def _retire(self, svc: Service, inst: Instance) -> None:
+        """Take an instance out of service: no more restarts, out of the endpoints, then drained and removed."""
+        if inst.task is not None:
+            inst.task.cancel()
+            await asyncio.gather(inst.task, return_exceptions=True)
+        await self._stop(inst)
+        if inst in svc.surge:
+            svc.surge.remove(inst)
 
     async def delete(self, name: str) -> Service:
         svc = self.services.get(name)
@@ -267,11 +450,15 @@ class Supervisor:
         return svc
 
     async def _delete(self, svc: Service) -> None:
-        for inst in svc.instances.values():
+        if svc.rollout_task is not None:
+            svc.rollout_task.cancel()
+            await asyncio.gather(svc.rollout_task, return_exceptions=True)
+        instances = svc.every_instance()
+        for inst in instances:
             if inst.task is not None:
                 inst.task.cancel()
-        await asyncio.gather(*(inst.task for inst in svc.instances.values() if inst.task), return_exceptions=True)
-        await asyncio.gather(*(self._stop(svc, inst) for inst in svc.instances.values()))
+        await asyncio.gather(*(inst.task for inst in instances if inst.task), return_exceptions=True)
+        await asyncio.gather(*(self._stop(inst) for inst in instances))
         # A start that was under way when its task was cancelled may have left a container.
         for handle in await asyncio.to_thread(self.runtime.list):
             if handle.service == svc.name:
@@ -281,29 +468,34 @@ class Supervisor:
         self.services.pop(svc.name, None)
         self._event("Deleted", "every instance stopped and removed", svc.name)
 
-    async def _stop(self, svc: Service, inst: Instance) -> None:
+    async def _stop(self, inst: Instance) -> None:
+        """SIGTERM, the grace period, SIGKILL; then removed, and its GPUs released."""
+        grace = inst.spec.metadata.grace_s
         if inst.handle is not None:
-            self._set(inst, State.STOPPING, f"SIGTERM, then SIGKILL after {svc.spec.metadata.grace_s} s")
+            self._set(inst, State.STOPPING, f"SIGTERM, then SIGKILL after {grace} s")
             started = time.monotonic()
-            await asyncio.to_thread(self.runtime.stop, inst.handle.id, svc.spec.metadata.grace_s)
+            await asyncio.to_thread(self.runtime.stop, inst.handle.id, grace)
             handle = await asyncio.to_thread(self.runtime.inspect, inst.handle.id)
             code = handle.exit.code if handle and handle.exit else None
             await asyncio.to_thread(self.runtime.remove, inst.handle.id)
             self._by_runtime_id.pop(inst.handle.id, None)
-            self._set(inst, State.STOPPED, f"stopped in {time.monotonic() - started:.1f} s, exit code {code}")
+            inst.handle = None
+            self._set(inst, State.STOPPED, f"revision {inst.revision} stopped in {time.monotonic() - started:.1f} s, "
+                                           f"exit code {code}")
         else:
             self._set(inst, State.STOPPED, "")
+        self._release_gpus(inst)
 
     # --- one instance's life ------------------------------------------------------------------
 
-    async def _lifecycle(self, svc: Service, inst: Instance) -> None:
+    async def _lifecycle(self, inst: Instance) -> None:
         try:
             while True:
-                if inst.handle is None or inst.handle.revision != svc.revision:
-                    if not await self._launch(svc, inst):
+                if inst.handle is None or inst.handle.revision != inst.revision:
+                    if not await self._launch(inst):
                         return
-                exit_info = await self._supervise(svc, inst)
-                if not await self._after_exit(svc, inst, exit_info):
+                exit_info = await self._supervise(inst)
+                if not await self._after_exit(inst, exit_info):
                     return
         except asyncio.CancelledError:
             raise
@@ -311,18 +503,19 @@ class Supervisor:
             log.exception("instance %s: unexpected error", inst.id)
             self._set(inst, State.FAILED, f"agent error: {exc}")
 
-    async def _launch(self, svc: Service, inst: Instance) -> bool:
+    async def _launch(self, inst: Instance) -> bool:
         """Replace what runs (if anything), pull, start. False when the instance cannot run."""
+        spec = inst.spec
         if inst.handle is not None:
             old = inst.handle
-            self._set(inst, State.STOPPING, f"replacing revision {old.revision} with {svc.revision}")
-            await asyncio.to_thread(self.runtime.stop, old.id, svc.spec.metadata.grace_s)
+            self._set(inst, State.STOPPING, f"replacing revision {old.revision} with {inst.revision}")
+            await asyncio.to_thread(self.runtime.stop, old.id, spec.metadata.grace_s)
             await self._forget(inst)
-        inst.launched_at, inst.pull_s, inst.cold_start = time.monotonic(), 0.0, None
-        gpus = self._assign_gpus(svc, inst)
+        gpus = await self._assign_gpus(inst)
         if gpus is None:
             return False
-        container = svc.spec.container
+        inst.launched_at, inst.pull_s, inst.cold_start = time.monotonic(), 0.0, None
+        container = spec.container
         policy = container.image_pull_policy or self.config.image_pull_policy
         if policy == "Never" and not await asyncio.to_thread(self.runtime.has_image, container.image):
             self._set(inst, State.FAILED, f"ErrImageNeverPull: {container.image} is not on the node and the pull policy is Never")
@@ -333,47 +526,71 @@ class Supervisor:
             try:
                 await asyncio.to_thread(
                     self.runtime.ensure_image, container.image, always=policy == "Always",
-                    auth=svc.spec.docker_auth.get_secret_value() if svc.spec.docker_auth else None,
-                    progress=lambda message: self._from_thread(self._event, "Pulling", message, svc.name, inst),
+                    auth=spec.docker_auth.get_secret_value() if spec.docker_auth else None,
+                    progress=lambda message: self._from_thread(self._event, "Pulling", message, inst.service, inst),
                 )
             except PullError as exc:
-                return await self._cannot_start(svc, inst, f"ErrImagePull: {exc}", permanent=exc.permanent)
+                return await self._cannot_start(inst, f"ErrImagePull: {exc}", permanent=exc.permanent)
             inst.pull_s = time.monotonic() - pull_started
         self._set(inst, State.STARTING, "")
-        request = launch.build_request(svc.spec, svc.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports)
+        request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports)
         try:
             handle = await asyncio.to_thread(self.runtime.start, request)
         except LaunchError as exc:
-            return await self._cannot_start(svc, inst, f"{exc.reason}: {exc}", permanent=exc.permanent)
+            if exc.instance_id is not None:  # kept for `docker inspect`; removed with the service
+                if (kept := await asyncio.to_thread(self.runtime.inspect, exc.instance_id)) is not None:
+                    self._attach(inst, kept)
+                    inst.exited.clear()
+            return await self._cannot_start(inst, f"{exc.reason}: {exc}", permanent=exc.permanent)
         self._attach(inst, handle)
-        self._event("Started", f"{handle.id[:12]} started", svc.name, inst)
+        self._event("Started", f"{handle.id[:12]} started (revision {inst.revision})", inst.service, inst)
         return True
 
-    async def _cannot_start(self, svc: Service, inst: Instance, reason: str, *, permanent: bool) -> bool:
+    async def _cannot_start(self, inst: Instance, reason: str, *, permanent: bool) -> bool:
         if permanent:
             self._set(inst, State.FAILED, reason)
             return False
-        await self._back_off(svc, inst, reason)
+        await self._back_off(inst, reason)
         return True
 
-    def _assign_gpus(self, svc: Service, inst: Instance) -> list[str] | None:
-        """GPU UUIDs for this instance; None (and Pending) when too few are free.
+    async def _assign_gpus(self, inst: Instance) -> list[str] | None:
+        """GPU UUIDs for this instance, waiting in Pending while too few are free; None when it can never have them.
 
-        The GPU inventory (agent/gpus.py) is wired in here; until then the node has none and
-        `check` refuses specs asking for any.
+        The instance keeps its GPUs across restarts (the same UUIDs, so its weights' GPU memory
+        layout and NVML's view stay put); they are released when it is stopped for good.
         """
-        if svc.spec.metadata.gpu == 0:
-            return []
-        self._set(inst, State.PENDING, f"needs {svc.spec.metadata.gpu} GPU(s); this node has no GPU inventory")
-        return None
+        count = inst.spec.metadata.gpu
+        while True:
+            try:
+                uuids = await asyncio.to_thread(self.gpus.allocate, inst.gpu_key, count)
+            except GpuRequestRefused as exc:  # the node has fewer GPUs now than when the spec was accepted
+                self._set(inst, State.FAILED, str(exc))
+                return None
+            except GpusPending as exc:
+                freed = self._gpus_freed
+                self._set(inst, State.PENDING, str(exc))
+                await freed.wait()
+                continue
+            if list(uuids) != inst.gpus:
+                inst.gpus = list(uuids)
+                self._persist(inst)
+            return inst.gpus
+
+    def _release_gpus(self, inst: Instance) -> None:
+        if inst.spec.metadata.gpu == 0:
+            return
+        self.gpus.release(inst.gpu_key)
+        inst.gpus = []
+        freed, self._gpus_freed = self._gpus_freed, asyncio.Event()
+        freed.set()
 
     def gpu_capacity(self) -> int:
-        return 0
+        return len(self.gpus.inventory.gpus())
 
-    async def _supervise(self, svc: Service, inst: Instance) -> ExitInfo:
+    async def _supervise(self, inst: Instance) -> ExitInfo:
         """Probe until the instance exits (or fails liveness); returns how it ended."""
         timings = self.config.timings
-        container = svc.spec.container
+        container = inst.spec.container
         readiness = container.readiness_check
         liveness = container.liveness_check
         ready_period = readiness.period_seconds if readiness else timings.probe_period_s
@@ -412,8 +629,8 @@ class Supervisor:
                 next_live = time.monotonic() + live_period
                 live_failures = 0 if await self._probe(inst, "/live", timeout) else live_failures + 1
                 if live_failures >= live_threshold:
-                    self._event("LivenessFailed", f"liveness probe failed {live_failures} times; restarting", svc.name, inst)
-                    await asyncio.to_thread(self.runtime.stop, inst.handle.id, svc.spec.metadata.grace_s)
+                    self._event("LivenessFailed", f"liveness probe failed {live_failures} times; restarting", inst.service, inst)
+                    await asyncio.to_thread(self.runtime.stop, inst.handle.id, inst.spec.metadata.grace_s)
                     info = await self._exit_info(inst)
                     info.reason = "LivenessProbeFailed"
                     return info
@@ -457,32 +674,36 @@ class Supervisor:
             return ExitInfo(code=None, reason="Removed", message="the instance was removed outside the agent")
         return handle.exit or ExitInfo(code=None, reason="Unknown")
 
-    async def _after_exit(self, svc: Service, inst: Instance, info: ExitInfo) -> bool:
+    async def _after_exit(self, inst: Instance, info: ExitInfo) -> bool:
         """Record the exit and wait out the backoff. False when the instance is not restarted."""
+        if inst.stopped_by_agent is not None:
+            (info.reason, info.message), inst.stopped_by_agent = inst.stopped_by_agent, None
         inst.last_exit = info
         inst.ready = False
         self.metrics.exits.labels(info.reason).inc()
         detail = f"exit code {info.code} ({info.reason}{', OOM-killed' if info.oom else ''})"
-        self._event("Exited", detail + (f": {info.log_tail[-1]}" if info.log_tail else ""), svc.name, inst)
+        self._event("Exited", detail + (f": {info.log_tail[-1]}" if info.log_tail else ""), inst.service, inst)
         if inst.ready_since is not None and info.at - inst.ready_since >= self.config.timings.backoff_reset_s:
             inst.failures_in_row = 0
         inst.ready_since = None
         self._persist(inst)
-        if svc.spec.runtime.enable_crash_block:
-            self._set(inst, State.FAILED, f"{detail}; not restarted (runtime.enable_crash_block)")
+        if inst.spec.runtime.enable_crash_block:
+            final = State.EVICTED if info.reason == DISK_LIMIT_EXCEEDED else State.FAILED
+            self._set(inst, final, f"{detail}; not restarted (runtime.enable_crash_block)")
             return False
-        await self._back_off(svc, inst, detail)
+        await self._keep_previous_logs(inst)
+        await self._back_off(inst, detail)
         await self._forget(inst)
         return True
 
-    async def _back_off(self, svc: Service, inst: Instance, reason: str) -> None:
+    async def _back_off(self, inst: Instance, reason: str) -> None:
         timings = self.config.timings
         delay = min(timings.backoff_initial_s * 2**inst.failures_in_row, timings.backoff_max_s)
         inst.failures_in_row += 1
         self._set(inst, State.BACKOFF, f"{reason}; restarting in {delay:.1f} s")
         await asyncio.sleep(delay)
         inst.restarts += 1
-        self.metrics.restarts.labels(svc.name).inc()
+        self.metrics.restarts.labels(inst.service).inc()
         self._persist(inst)
 
     async def _forget(self, inst: Instance) -> None:
@@ -491,19 +712,73 @@ class Supervisor:
             self._by_runtime_id.pop(inst.handle.id, None)
             inst.handle = None
 
+    def previous_logs_path(self, inst: Instance) -> Path:
+        return self.config.state_dir / "previous-logs" / f"{inst.id}.log"
+
+    async def _keep_previous_logs(self, inst: Instance) -> None:
+        """Keep the ended run's logs (their last log_max_size_bytes) for `berth logs --previous`,
+        as the kubelet keeps a restarted container's last instance."""
+        if inst.handle is None:
+            return
+        limit, path, runtime_id = self.config.log_max_size_bytes, self.previous_logs_path(inst), inst.handle.id
+
+        def copy() -> None:
+            kept = bytearray()
+            for chunk in self.runtime.logs(runtime_id, tail=None, follow=False):
+                kept += chunk
+                del kept[:-limit]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(bytes(kept))
+
+        await asyncio.to_thread(copy)
+
     def _persist(self, inst: Instance) -> None:
+        if inst.surge:
+            return  # a rollout's new instance takes over the slot's record once it is Ready
         self.store.put_instance(inst.service, inst.slot, StoredInstance(
             inst.restarts, inst.last_exit.as_json() if inst.last_exit else None, inst.gpus))
 
-    # --- strays -------------------------------------------------------------------------------
+    # --- housekeeping -------------------------------------------------------------------------
 
-    async def _reap_strays_forever(self) -> None:
-        while True:
-            try:
-                await self.reap_strays()
-            except Exception:  # noqa: BLE001 - the reaper must outlive one bad pass
-                log.exception("stray reaper pass failed")
-            await asyncio.sleep(self.config.timings.reaper_period_s)
+    def _running(self) -> list[Instance]:
+        return [inst for svc in self.services.values() if not svc.deleting for inst in svc.every_instance()
+                if inst.handle is not None and inst.handle.running and inst.state not in (State.STOPPING, State.STOPPED)]
+
+    async def evict_over_disk_limit(self) -> None:
+        """Measure each limited instance's disk use (writable layer, disk empty_dirs, logs) and
+        evict those over their limit, as the kubelet does for ephemeral storage."""
+        for inst in self._running():
+            policy = DiskLimitPolicy.from_spec(inst.spec)
+            if not policy.enforced:
+                continue
+            usage = await asyncio.to_thread(self.runtime.disk_usage, inst.handle.id, list(policy.empty_dirs))
+            eviction = policy.check(usage) if usage is not None else None
+            if eviction is None or inst.handle is None:
+                continue
+            inst.stopped_by_agent = (eviction.reason, eviction.message)
+            self._event(eviction.reason, eviction.message, inst.service, inst)
+            self._set(inst, State.EVICTED, eviction.message)
+            await asyncio.to_thread(self.runtime.stop, inst.handle.id, self.config.timings.eviction_grace_s)
+
+    async def check_gpus(self) -> None:
+        """Recreate instances whose container lost its GPUs (NVML "Unknown Error" after a driver or
+        systemd reload): the same GPUs, a new container."""
+        for inst in self._running():
+            if not inst.gpus or not inst.ready:
+                continue
+            verdict = await asyncio.to_thread(self.runtime.check_gpus, inst.handle.id, inst.gpus)
+            if verdict is None or verdict.state != "lost" or inst.handle is None:
+                continue
+            inst.stopped_by_agent = ("GpuLost", verdict.reason)
+            self._event("GpuLost", f"{verdict.reason}; recreating with the same GPUs", inst.service, inst)
+            await asyncio.to_thread(self.runtime.stop, inst.handle.id, inst.spec.metadata.grace_s)
+
+    async def collect_images(self) -> None:
+        result = await asyncio.to_thread(self.runtime.collect_images, self.images_in_use())
+        if result is not None and result.removed:
+            names = ", ".join(", ".join(image.references) or image.image_id[:19] for image in result.removed)
+            self._event("ImagesCollected", f"image filesystem {result.usage.percent:.0f}% used: removed {names} "
+                                           f"({result.freed_bytes} bytes)")
 
     async def reap_strays(self) -> None:
         """Remove berth instances no service wants, once older than the stray grace (Nomad's reaper)."""
@@ -523,15 +798,20 @@ class Supervisor:
     # --- views and events ---------------------------------------------------------------------
 
     def images_in_use(self) -> set[str]:
-        return {svc.spec.container.image for svc in self.services.values()}
+        """Images any instance runs or a service wants (image GC keeps them)."""
+        wanted = {svc.spec.container.image for svc in self.services.values()}
+        return wanted | {inst.spec.container.image for svc in self.services.values() for inst in svc.every_instance()}
 
     def view(self, svc: Service) -> dict[str, Any]:
-        instances = [inst.view() for _, inst in sorted(svc.instances.items())]
+        instances = sorted(svc.every_instance(), key=lambda inst: (inst.slot, inst.surge))
+        views = [inst.view() for inst in instances]
         return {
             "name": svc.name, "revision": svc.revision, "runtime": self.runtime.name, "created": svc.created,
             "deleting": svc.deleting, "image": svc.spec.container.image, "instance": svc.spec.metadata.instance,
-            "ready": sum(1 for inst in instances if inst["ready"]), "instances": instances,
-            "spec": svc.spec.to_json_dict(),
+            "ready": sum(1 for inst in svc.instances.values() if inst.ready),
+            # Where to send requests now: every Ready instance, of whichever revision (a rollout serves from both).
+            "endpoints": [inst.endpoint for inst in instances if inst.ready and inst.endpoint],
+            "rollout": svc.rollout, "instances": views, "spec": svc.spec.to_json_dict(),
         }
 
     def _set(self, inst: Instance, state: State, reason: str) -> None:
@@ -543,7 +823,7 @@ class Supervisor:
             self._event(state.value, reason, inst.service, inst)
             counts: dict[str, int] = {s.value: 0 for s in State}
             for svc in self.services.values():
-                for other in svc.instances.values():
+                for other in svc.every_instance():
                     counts[other.state.value] += 1
             for name, count in counts.items():
                 self.metrics.instances.labels(name).set(count)

@@ -24,7 +24,8 @@ def test_process_runtime_runs_readopts_and_stops(tmp_path):
         assert service["runtime"] == "process"
         endpoint = service["instances"][0]["endpoint"]
         assert requests.get(endpoint + "/", timeout=5).status_code == 200
-        record = json.loads((agent.state_dir / "processes" / f"berth-{name}-0.json").read_text())
+        (record_path,) = (agent.state_dir / "processes").glob(f"berth-{name}-0-*[!s].json")  # not the .status.json
+        record = json.loads(record_path.read_text())
         assert psutil.Process(record["pid"]).is_running()
 
         clash = agent.deploy({**spec, "metadata": {"name": unique("clash")}})
@@ -34,7 +35,7 @@ def test_process_runtime_runs_readopts_and_stops(tmp_path):
         agent = Agent(tmp_path, port=agent.port, runtime="process").start()
         after = wait_state(agent, name, lambda s: s["ready"] == 1, 30, "re-adoption")
         assert after["instances"][0]["restarts"] == 0 and after["instances"][0]["endpoint"] == endpoint
-        assert json.loads((agent.state_dir / "processes" / f"berth-{name}-0.json").read_text())["pid"] == record["pid"]
+        assert json.loads(record_path.read_text())["pid"] == record["pid"]
 
         assert agent.cli("rm", name).returncode == 0
         assert not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
