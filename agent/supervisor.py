@@ -420,9 +420,9 @@ class Supervisor:
         while not all(inst.ready for inst in fresh):
             for inst in fresh:
                 if inst.state in (State.BACKOFF, State.FAILED, State.EVICTED) or inst.last_exit is not None:
-                    tail = inst.last_exit.log_tail[-1:] if inst.last_exit else []
+                    tail = inst.last_exit.log_tail[-5:] if inst.last_exit else []
                     return f"new instance {inst.id} (revision {inst.revision}) {inst.state.value}: {inst.reason}" + (
-                        f"; last log line: {tail[0]}" if tail else "")
+                        "; last log lines: " + " | ".join(tail) if tail else "")
             if time.monotonic() > deadline:
                 waiting = next(inst for inst in fresh if not inst.ready)
                 return (f"new instance {waiting.id} (revision {waiting.revision}) not Ready within "
