@@ -25,9 +25,11 @@ from bootstrap.units import MIB, parse_quantity
 
 log = logging.getLogger("berth.prepare")
 
-# Chosen by bench/cache_fill.py (docs/benchmarks.md, "Weight cache").
-DEFAULT_PART_SIZE = 16 * MIB
-DEFAULT_CONCURRENCY = 16
+# Chosen by bench/cache_fill.py (docs/benchmarks.md, "Weight cache"): 64 MiB parts (as AIBrix;
+# s5cmd uses 50 MiB) and 32 requests in flight: 16 starves many small files, 64 slows the large
+# one. Parts stream to disk, so their size costs no memory, only requests per file.
+DEFAULT_PART_SIZE = 64 * MIB
+DEFAULT_CONCURRENCY = 32
 MAX_RESTARTS = 3  # an object replaced this many times during one download is an error
 
 
