@@ -6,7 +6,7 @@ does; moto reads the whole object per ranged GET and would punish exactly the pa
 being measured. Every tool writes to the same local disk; the server's files sit in the page
 cache for all of them alike.
 
-    .venv/bin/python -m bench.cache_fill [--big 1Gi] [--small 50x10Mi] [--grid] [--workdir DIR]
+    .venv/bin/python -m bench.cache_fill [--big 1Gi] [--small 50x10Mi] [--rounds 3] [--grid] [--workdir DIR]
 
 --grid also times berth over part sizes and concurrencies (how the defaults were chosen).
 The warm-cache check builds a cache holding 100 sparse files totalling 10 GiB and times the
@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,23 +122,28 @@ def downloaded(dest: Path) -> int:
     return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file() and "blobs" not in p.parts)
 
 
-def compare(endpoint: str, prefix: str, total: int, work: Path) -> None:
-    print(f"\n### {prefix}: {total / MIB:.0f} MiB\n\n| tool | seconds | MB/s | berth is |\n| --- | --- | --- | --- |")
-    results: dict[str, float] = {}
+def compare(endpoint: str, prefix: str, total: int, work: Path, rounds: int) -> None:
+    """Every tool `rounds` times, the order rotated each round (no tool always first); medians."""
+    print(f"\n### {prefix}: {total / MIB:.0f} MiB, median of {rounds} rounds\n\n"
+          "| tool | seconds | MB/s | berth is |\n| --- | --- | --- | --- |")
     dest = work / "dest"
-    for name, run in tools(endpoint, prefix, dest).items():
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir()
+    runs = tools(endpoint, prefix, dest)
+    runnable = [name for name, run in runs.items() if not isinstance(run, str)]
+    times: dict[str, list[float]] = {name: [] for name in runnable}
+    for round_ in range(rounds):
+        for name in runnable[round_ % len(runnable):] + runnable[:round_ % len(runnable)]:
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir()
+            times[name].append(timed(runs[name]))
+            got = downloaded(dest / "mnt") if name.startswith("berth") else downloaded(dest)
+            assert got == total, f"{name} wrote {got} bytes, expected {total}"
+    shutil.rmtree(dest, ignore_errors=True)
+    mine = statistics.median(times["berth (defaults)"])
+    for name, run in runs.items():
         if isinstance(run, str):
             print(f"| {name} | {run} | | |")
             continue
-        seconds = timed(run)
-        got = downloaded(dest / "mnt") if name.startswith("berth") else downloaded(dest)
-        assert got == total, f"{name} wrote {got} bytes, expected {total}"
-        results[name] = seconds
-    shutil.rmtree(dest, ignore_errors=True)
-    mine = results["berth (defaults)"]
-    for name, seconds in results.items():
+        seconds = statistics.median(times[name])
         ratio = "" if name.startswith("berth") else f"{seconds / mine:.2f}x faster"
         print(f"| {name} | {seconds:.2f} | {total / seconds / 1e6:.0f} | {ratio} |")
 
@@ -194,6 +200,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--big", default="1Gi", help="size of the one large object")
     parser.add_argument("--small", default="50x10Mi", help="COUNTxSIZE of the small objects")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every tool, order rotated; medians")
     parser.add_argument("--grid", action="store_true", help="also time berth over part sizes and concurrencies")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -204,8 +211,8 @@ def main() -> None:
         big = upload(endpoint, "big", [parse_quantity(args.big)], work)
         small = upload(endpoint, "small", [parse_quantity(size)] * int(count), work)
         print(f"server: s3rver at {endpoint}; {os.cpu_count()} cores")
-        compare(endpoint, "big", big, work)
-        compare(endpoint, "small", small, work)
+        compare(endpoint, "big", big, work, args.rounds)
+        compare(endpoint, "small", small, work, args.rounds)
         if args.grid:
             grid(endpoint, "big", big, work)
             grid(endpoint, "small", small, work)
