@@ -26,7 +26,9 @@ import requests
 
 from tests.harness.vllm_service import COMPILED, SERVED_NAME, Node, Service, compiled_files, start_service
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+# The first test's setup may build the CPU vLLM image (about 4 minutes) and then wait for a cold
+# start (2 to 3 minutes on a busy 2-core box): more than the suite's 600 s default.
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 log = logging.getLogger("tests.vllm")
 
