@@ -229,3 +229,39 @@ def test_other_commands_get_no_vllm_engine_and_a_model_less_one_is_a_usage_error
     assert vllm.engine_for(None, ["python", "app.py"], service_name=None, env={}, cache_dir=tmp_path, stop_timeout_s=1) is None
     with pytest.raises(UsageError, match="name the model"):
         vllm.engine_for(None, ["sh", "-c", "vllm serve"], service_name=None, env={}, cache_dir=tmp_path, stop_timeout_s=1)
+
+
+# --- the real GPU path (marker gpu: runs where an NVIDIA GPU and torch with CUDA exist) -----
+
+
+def _preflight(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    engine = [sys.executable, "-c", "print('engine ran')"]
+    return subprocess.run(
+        [sys.executable, "-m", "serving.vllm", "preflight", "--", *engine],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+
+
+@pytest.mark.gpu
+def test_preflight_on_real_gpus_passes_then_becomes_the_engine():
+    from agent.gpus import NvmlInventory
+
+    uuids = [gpu.uuid for gpu in NvmlInventory().gpus()]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(uuids)}
+    result = _preflight(env)
+    assert result.returncode == 0, result.stderr
+    assert f"GPU preflight passed on {len(uuids)} device(s)" in result.stderr
+    assert result.stdout.strip() == "engine ran"
+    assert vllm.visible_gpus(env) == len(uuids)
+    argv = engine_argv(VllmCommand(model="/m", args=()), port=8001, served_name="m", visible_gpus=vllm.visible_gpus(env), shutdown_timeout_s=20)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == str(len(uuids))
+
+
+@pytest.mark.gpu
+def test_preflight_on_a_gpu_node_fails_with_the_drivers_message_when_the_gpu_is_gone():
+    # A UUID the driver does not know: what a container sees after it lost its device.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "GPU-00000000-0000-0000-0000-000000000000"}
+    result = _preflight(env)
+    assert result.returncode == 1
+    assert "berth: GPU preflight failed:" in result.stderr
+    assert "engine ran" not in result.stdout
