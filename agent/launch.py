@@ -14,7 +14,7 @@ from typing import Iterable
 
 from agent import runtime as rt
 from agent.config import AgentConfig
-from bootstrap import units
+from bootstrap import cache, units
 from bootstrap.spec import ServiceSpec, SpecIssue
 
 TOKEN_PATH = "/run/berth/token"
@@ -90,8 +90,9 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
     if spec.token is not None:
         secret_files[TOKEN_PATH] = spec.token.get_secret_value().encode()
         env["BERTH_SERVICE_TOKEN_FILE"] = TOKEN_PATH
-    # The cache sits at the same path inside as on the host, so one BERTH_CACHE_DIR fits both runtimes.
-    mounts = [rt.Mount(target=str(config.cache_dir), source=str(config.cache_dir))]
+    # The cache sits at the same paths inside as on the host, so one BERTH_CACHE_DIR fits both
+    # runtimes; only this service's part of it is mounted.
+    mounts = [rt.Mount(target=str(path), source=str(path)) for path in cache.instance_view(config.cache_dir, spec.name)]
     for extra in config.read_only_mounts:
         source, _, target = extra.partition(":")
         mounts.append(rt.Mount(target=target or source, source=source, read_only=True))

@@ -62,6 +62,23 @@ def namespace_for(service: str, url: str, shared_prefixes: Sequence[str]) -> str
     return f"services/{service}"
 
 
+def instance_view(cache_dir: Path, service: str) -> list[Path]:
+    """The parts of the node cache an instance of `service` may see, created if absent.
+
+    Its own namespace, the node-wide pool, the fill lock, and the caches that hold nothing
+    private (pip wheels, compiled kernels). The agent mounts exactly these into a container,
+    so one service cannot read another's private weights.
+    """
+    root = Path(cache_dir)
+    weights = root / "weights"
+    directories = [weights / namespace_for(service, "", ()), weights / "shared", root / "pip", root / "compile"]
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+    fill_lock = weights / ".fill.lock"
+    fill_lock.touch(exist_ok=True)
+    return [*directories, fill_lock]
+
+
 def tree_entries(location: Location, objects: list[RemoteObject]) -> list[TreeEntry]:
     """Objects with a safe relative path; keys that cannot be a file are skipped with a warning."""
     base = location.prefix if location.prefix.endswith("/") or not location.prefix else location.prefix + "/"

@@ -235,6 +235,23 @@ def test_shm_size_and_memory_limit_are_visible_inside(agent, docker_client, pyth
     assert container.attrs["HostConfig"]["NanoCpus"] == 1_500_000_000
 
 
+def test_each_service_sees_only_its_own_part_of_the_node_cache(agent, docker_client, python_inference_image):
+    mine, theirs = unique("cache-a"), unique("cache-b")
+    for name in (mine, theirs):
+        result = agent.deploy(service_spec(name, python_inference_image), "--wait")
+        assert result.returncode == 0, result.stderr
+    weights = agent.root / "cache" / "weights"
+    (weights / "services" / theirs / "private.bin").write_bytes(b"their weights")
+    container = docker_client.containers.get(agent.service(mine)["instances"][0]["runtime_id"])
+    seen = container.exec_run(["sh", "-c", f"ls {weights}/services; ls {weights}/shared {agent.root}/cache/pip >/dev/null && echo pools-ok"])
+    assert seen.exit_code == 0, seen.output
+    assert seen.output.decode().split() == [mine, "pools-ok"]
+    peek = container.exec_run(["cat", str(weights / "services" / theirs / "private.bin")])
+    assert peek.exit_code != 0 and b"their weights" not in peek.output
+    for name in (mine, theirs):
+        agent.cli("rm", name)
+
+
 def test_bad_inputs_give_clear_errors_and_disturb_nothing(agent, python_inference_image, base_image, registry):
     name = unique("keep")
     assert agent.deploy(service_spec(name, python_inference_image), "--wait").returncode == 0
