@@ -196,6 +196,14 @@ class OrphanReaper:
             self.sweep(me, keep)
 
     def sweep(self, me: psutil.Process, keep: set[int]) -> None:
+        # One syscall peeks whether any child is a zombie (WNOWAIT reaps nothing); only then
+        # is /proc walked, so the common case costs next to nothing.
+        try:
+            if os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                self._first_seen.clear()
+                return
+        except ChildProcessError:
+            return
         now = time.monotonic()
         zombies = set()
         for proc in me.children():

@@ -1,0 +1,323 @@
+"""Proxy overhead: berth's proxy against going direct and against nginx as a reverse proxy.
+
+    .venv/bin/python bench/proxy.py [--seconds 10] [--rates 500,1000,2000] [--rounds 2]
+
+One run, same machine, side by side. The upstream is nginx returning a constant (so the
+proxies are measured, not the app); berth boot runs that nginx as its child and proxies to it;
+nginx (1 worker, as berth is one process) proxies to the same upstream with keep-alive.
+
+- Latency at fixed rates from an open-loop generator (below): each request has a scheduled
+  send time and its latency counts from then, so queueing shows (closed-loop tools such as
+  wrk wait for an answer before sending and hide it). Added latency = proxied - direct.
+- Maximum rate: h2load (nghttp2-client) over HTTP/1.1, 64 connections, closed loop: the
+  right tool for throughput, which is what it measures here.
+- SSE: the suite's test app streams events 20 ms apart; time to first chunk and the mean gap
+  between chunks as the client sees them, proxied vs direct.
+- Proxy CPU per 1000 requests, from the proxy process's CPU time over the fixed-rate runs.
+
+The open-loop generator is our own (Python, uvloop, raw HTTP/1.1 over keep-alive connections)
+because Debian 12 packages no open-loop tool with percentiles (wrk2 and vegeta are absent;
+httperf reports no percentiles). Its own jitter is in every figure alike, so differences hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import uvloop
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx-{name}.pid;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  {body}
+}}
+"""
+# The ceiling of any proxy built on aiohttp's server here: its hello world, no proxying.
+AIOHTTP_HELLO = """\
+import asyncio, sys, uvloop
+from aiohttp import web
+async def hello(request): return web.Response(text="ok\\n")
+async def main():
+    await asyncio.get_running_loop().create_server(web.Server(hello, access_log=None), "127.0.0.1", int(sys.argv[1]))
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+UPSTREAM_BODY = """server {{ listen 127.0.0.1:{port} reuseport; location / {{ default_type text/plain; return 200 "ok\\n"; }} }}"""
+PROXY_BODY = """\
+upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+  upstream sse {{ server 127.0.0.1:{sse}; keepalive 16; }}
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location /stream {{ proxy_pass http://sse; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }}
+    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}"""
+
+
+def nginx_config(prefix: Path, name: str, body: str) -> Path:
+    path = prefix / f"{name}.conf"
+    path.write_text(NGINX_CONF.format(prefix=prefix, name=name, body=body))
+    return path
+
+
+# --- the open-loop generator ------------------------------------------------------------
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.waiter: asyncio.Future | None = None
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        match = re.search(rb"(?i)content-length:\s*(\d+)", self.buffer[:head_end])
+        total = head_end + 4 + int(match.group(1))
+        if len(self.buffer) >= total and self.waiter is not None and not self.waiter.done():
+            status = int(self.buffer[9:12])
+            self.buffer = self.buffer[total:]
+            self.waiter.set_result(status)
+
+    def connection_lost(self, exc) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("closed"))
+
+
+async def open_loop(port: int, rate: float, seconds: float) -> tuple[list[float], int]:
+    """Send `rate` requests/s for `seconds` on a schedule; latency from each scheduled time."""
+    loop = asyncio.get_running_loop()
+    idle: list[_Conn] = []
+    latencies: list[float] = []
+    errors = 0
+    request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+
+    async def one(scheduled: float) -> None:
+        nonlocal errors
+        conn = idle.pop() if idle else None
+        if conn is None:
+            _, conn = await loop.create_connection(_Conn, "127.0.0.1", port)
+        conn.waiter = loop.create_future()
+        conn.transport.write(request)
+        try:
+            status = await conn.waiter
+        except ConnectionError:
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - scheduled)
+        if status != 200:
+            errors += 1
+        idle.append(conn)
+
+    # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds. Timers wake
+    # up to 1 ms late; every request due by then is sent at once, its latency counted from
+    # its scheduled time (the same lateness for every target).
+    total = int(rate * seconds)
+    start = time.perf_counter() + 0.05
+    tasks, index = [], 0
+    while index < total:
+        now = time.perf_counter()
+        while index < total and start + index / rate <= now:
+            tasks.append(asyncio.ensure_future(one(start + index / rate)))
+            index += 1
+        await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
+    await asyncio.gather(*tasks)
+    for conn in idle:
+        conn.transport.close()
+    return latencies, errors
+
+
+async def sse_timings(port: int, streams: int = 10, events: int = 25) -> tuple[float, float]:
+    """Mean time to first chunk and mean gap between chunks, ms."""
+    firsts, gaps = [], []
+    for _ in range(streams):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sent = time.perf_counter()
+        writer.write(f"GET /stream?n={events}&gap=0.02 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n".encode())
+        arrivals, data = [], b""
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            now = time.perf_counter()
+            arrivals += [now] * chunk.count(b"data: ")
+            data += chunk
+        writer.close()
+        firsts.append(arrivals[0] - sent)
+        gaps += [b - a for a, b in zip(arrivals, arrivals[1:-1])]
+    return statistics.mean(firsts) * 1000, statistics.mean(gaps) * 1000
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def h2load_max(port: int, seconds: float) -> float:
+    out = subprocess.run(
+        ["h2load", "--h1", "-t", "1", "-c", "64", "-D", str(int(seconds)), "--warm-up-time", "1", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return float(re.search(r"finished in .*?, ([\d.]+) req/s", out).group(1))
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rates", default="500,1000,2000")
+    parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times per rate")
+    args = parser.parse_args()
+    for tool in ("nginx", "h2load"):
+        if shutil.which(tool) is None and not Path("/usr/sbin/nginx").exists():
+            sys.exit(f"{tool} is missing: apt-get install nginx nghttp2-client")
+
+    prefix = Path(tempfile.mkdtemp(prefix="berth-bench-"))
+    upstream, sse, nginx_port, proxy_port, admin_port, hello = (free_port() for _ in range(6))
+    processes: list[subprocess.Popen] = []
+    try:
+        sse_app = subprocess.Popen([sys.executable, "-m", "tests.apps.slowapp", "--port", str(sse)], cwd=REPO, stdout=subprocess.DEVNULL)
+        processes.append(sse_app)
+        processes.append(subprocess.Popen([sys.executable, "-c", AIOHTTP_HELLO, str(hello)]))
+        proxy_conf = nginx_config(prefix, "proxy", PROXY_BODY.format(port=nginx_port, upstream=upstream, sse=sse))
+        nginx_proxy = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(proxy_conf)], stderr=subprocess.DEVNULL)
+        processes.append(nginx_proxy)
+        upstream_conf = nginx_config(prefix, "upstream", UPSTREAM_BODY.format(port=upstream))
+        # berth boot runs the upstream nginx as its child, as it would run a service.
+        boot = subprocess.Popen(
+            [sys.executable, "-m", "bootstrap.cli", "boot", "--port", str(upstream), "--proxy-port", str(proxy_port),
+             "--admin-port", str(admin_port), "--drain-delay", "0", "--", "nginx", "-p", str(prefix), "-c", str(upstream_conf)],
+            cwd=REPO, stderr=open(prefix / "boot.log", "wb"),
+        )
+        processes.append(boot)
+        for port in (upstream, sse, nginx_port, proxy_port, hello):
+            wait_port(port)
+        while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/ready"], capture_output=True).returncode != 0:
+            time.sleep(0.1)
+        nginx_worker = psutil.Process(nginx_proxy.pid).children()[0].pid
+        targets = {"direct": (upstream, None), "nginx": (nginx_port, nginx_worker), "berth": (proxy_port, boot.pid)}
+        report = run(targets, args, sse, hello, prefix)
+    finally:
+        for process in reversed(processes):
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    print(report)
+
+
+def run(targets: dict, args, sse_port: int, hello_port: int, prefix: Path) -> str:
+    lines = [f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, load average "
+             f"{os.getloadavg()[0]:.1f} at the start; python {sys.version.split()[0]}; nginx 1 worker; "
+             f"{args.seconds:g} s per run, {args.rounds} rounds"]
+    lines.append("")
+    lines.append("| rate (req/s) | target | p50 ms | p99 ms | added p50 ms | added p99 ms | errors | proxy CPU ms / 1000 req |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for rate in (float(r) for r in args.rates.split(",")):
+        results: dict[str, list[float]] = {name: [] for name in targets}
+        errors = {name: 0 for name in targets}
+        cpu = {name: 0.0 for name in targets}
+        for _ in range(args.rounds):
+            for name, (port, pid) in targets.items():
+                before = cpu_seconds(pid) if pid else 0.0
+                latencies, failed = uvloop.run(open_loop(port, rate, args.seconds))
+                cpu[name] += (cpu_seconds(pid) - before) if pid else 0.0
+                results[name] += latencies
+                errors[name] += failed
+        base50, base99 = percentile(results["direct"], 0.5), percentile(results["direct"], 0.99)
+        for name in targets:
+            p50, p99 = percentile(results[name], 0.5), percentile(results[name], 0.99)
+            sent = rate * args.seconds * args.rounds
+            cpu_text = f"{cpu[name] / sent * 1000 * 1000:.0f}" if targets[name][1] else "-"
+            added = ("-", "-") if name == "direct" else (f"{(p50 - base50) * 1000:.2f}", f"{(p99 - base99) * 1000:.2f}")
+            lines.append(f"| {rate:.0f} | {name} | {p50 * 1000:.2f} | {p99 * 1000:.2f} | {added[0]} | {added[1]} | {errors[name]} | {cpu_text} |")
+    lines.append("")
+    lines.append("| target | max req/s (h2load, 64 conns) | vs nginx |")
+    lines.append("|---|---|---|")
+    maxima = {name: h2load_max(port, args.seconds) for name, (port, _) in targets.items()}
+    maxima["aiohttp hello world (no proxying: the ceiling)"] = h2load_max(hello_port, args.seconds)
+    for name, value in maxima.items():
+        lines.append(f"| {name} | {value:.0f} | {value / maxima['nginx']:.0%} |")
+    lines.append("")
+    lines.append(sse_section(sse_port, targets["nginx"][0], prefix))
+    return "\n".join(lines)
+
+
+def sse_section(sse_port: int, nginx_port: int, prefix: Path) -> str:
+    """SSE through berth (a second boot, in front of the SSE app) and through nginx's /stream route."""
+    proxy_port, admin_port = free_port(), free_port()
+    boot = subprocess.Popen(
+        [sys.executable, "-m", "bootstrap.cli", "boot", "--port", str(sse_port), "--proxy-port", str(proxy_port),
+         "--admin-port", str(admin_port), "--drain-delay", "0", "--", "sleep", "infinity"],
+        cwd=REPO, stderr=open(prefix / "boot-sse.log", "wb"),
+    )
+    try:
+        while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/ready"], capture_output=True).returncode != 0:
+            time.sleep(0.1)
+        rows = ["| SSE (25 events, 20 ms apart) | first chunk ms | mean gap ms | added first chunk ms | added gap ms |", "|---|---|---|---|---|"]
+        base = None
+        for name, port in (("direct", sse_port), ("nginx", nginx_port), ("berth", proxy_port)):
+            first, gap = uvloop.run(sse_timings(port))
+            base = base or (first, gap)
+            added = ("-", "-") if name == "direct" else (f"{first - base[0]:.2f}", f"{gap - base[1]:.3f}")
+            rows.append(f"| {name} | {first:.2f} | {gap:.3f} | {added[0]} | {added[1]} |")
+        return "\n".join(rows)
+    finally:
+        boot.send_signal(signal.SIGTERM)
+        boot.wait(15)
+
+
+if __name__ == "__main__":
+    main()
