@@ -27,7 +27,7 @@ import time
 
 from aiohttp import WSMsgType, web
 
-counters = {"warm": 0, "warm_peak": 0, "warm_now": 0, "slow_abandoned": 0}
+counters = {"warm": 0, "warm_peak": 0, "warm_now": 0, "slow_started": 0, "slow_abandoned": 0}
 armed: set = set()
 
 
@@ -61,6 +61,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 async def slow(request: web.Request) -> web.Response:
+    counters["slow_started"] += 1
     deadline = time.monotonic() + float(request.query.get("s", "1"))
     while time.monotonic() < deadline:
         if request.transport is None or request.transport.is_closing():
