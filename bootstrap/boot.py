@@ -28,6 +28,7 @@ from bootstrap.prepare import DEFAULT_CACHE_DIR, PrepareContext, PrepareError, p
 from bootstrap.spec import Probe, ServiceSpec
 from serving.admin import admin_app, start_admin
 from serving.engine import Engine
+from serving import timeouts
 from serving.metrics import Metrics
 from serving.proxy import ProxyConfig, build_chain, start_server, upstream_session
 from serving.state import BootState, State
@@ -58,6 +59,16 @@ class BootConfig:
     cache_dir: Path = DEFAULT_CACHE_DIR
     status_file: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def child_stop_timeout(self) -> float:
+        return child_stop_timeout(self.stop_timeout, self.grace)
+
+
+def child_stop_timeout(stop_timeout: float, grace: float) -> float:
+    """The child's share of the grace period: at most half of it, so that a short grace
+    (10 s, say) still leaves time to drain rather than going straight to stopping the child."""
+    return min(stop_timeout, grace / 2)
 
 
 class Stopped(Exception):
@@ -171,7 +182,7 @@ class Boot:
         gates = [probe for probe in gates if probe is not None] or [None]
         timeout = self.config.startup_timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with timeouts.timeout(timeout):
                 for probe in gates:
                     if probe is not None and probe.initial_delay_seconds:
                         await asyncio.sleep(probe.initial_delay_seconds)
@@ -222,7 +233,7 @@ class Boot:
         assert self.child is not None
         began = time.monotonic()
         grace = self.config.grace
-        stop_timeout = min(self.config.stop_timeout, grace)
+        stop_timeout = self.config.child_stop_timeout
         serving_until = began + max(0.0, grace - stop_timeout)
         self.state.set(State.DRAINING)
         log.info("draining on %s: /ready is 503; serving for a %.1f s quiet period, then in-flight requests get up to %.1f s",
@@ -256,13 +267,13 @@ class Boot:
         log.info("%s during %s: stopping now", self._stop_signal, self.state.state.value)
         code = EXIT_OK
         if self.child is not None:
-            code = self._exit_code(await self.child.stop(min(self.config.stop_timeout, self.config.grace)))
+            code = self._exit_code(await self.child.stop(self.config.child_stop_timeout))
         self.state.set(State.STOPPED)
         return code
 
     async def _stop_child(self) -> None:
         if self.child is not None:
-            await self.child.stop(min(self.config.stop_timeout, self.config.grace))
+            await self.child.stop(self.config.child_stop_timeout)
 
     def _child_died(self, returncode: int) -> int:
         assert self.child is not None

@@ -230,7 +230,7 @@ def _spec_failed(exc: Exception, status_file: Path | None) -> int:
 
 
 def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str, Any]) -> int:
-    from bootstrap.boot import Boot, BootConfig
+    from bootstrap.boot import Boot, BootConfig, child_stop_timeout
     from serving.engine import UserCommand
     from serving.proxy import ProxyConfig
 
@@ -252,7 +252,7 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
     from serving.vllm import engine_for
 
     engine = engine_for(args.vllm, command, service_name=spec.metadata.name if spec else None, env=child_env,
-                        cache_dir=values["cache_dir"], stop_timeout_s=min(values["stop_timeout"], values["grace"]))
+                        cache_dir=values["cache_dir"], stop_timeout_s=child_stop_timeout(values["stop_timeout"], values["grace"]))
     config = BootConfig(
         engine=engine or UserCommand(command), spec=spec, app_port=values["port"], proxy=proxy, proxy_port=values["proxy_port"],
         admin_port=values["admin_port"], warmup_file=warmup_file(values["warmup"], spec), warmup_policy=values["warmup_policy"],

@@ -155,6 +155,7 @@ class Child:
 
     async def stop(self, timeout: float) -> int:
         """SIGTERM to the whole group, SIGKILL after `timeout`; returns the exit code."""
+        deadline = time.monotonic() + timeout
         if not self.exited.done():
             log.info("stopping the child (SIGTERM to process group %d, SIGKILL after %.1f s)", self.pid, timeout)
             self.send_group(signal.SIGTERM)
@@ -164,6 +165,10 @@ class Child:
                 log.warning("the child did not stop within %.1f s: SIGKILL", timeout)
                 self.send_group(signal.SIGKILL)
                 await self.exited
+        # The leader often ends first (`sh -c` without exec dies on SIGTERM at once): the rest
+        # of its group got the same SIGTERM and may still be running its handlers.
+        while _group_running(self.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         self.send_group_quietly(signal.SIGKILL)  # leftovers in its group
         return self.exited.result()
 
@@ -178,6 +183,21 @@ class Child:
         deadline = time.monotonic() + timeout
         for pump in self._pumps:
             pump.join(max(0.0, deadline - time.monotonic()))
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether any process of the group is alive (zombies waiting to be reaped do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for process in psutil.process_iter(["status"]):
+        try:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) == pgid:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 class OrphanReaper:

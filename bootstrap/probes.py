@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from bootstrap.spec import Probe
+from serving import timeouts
 
 log = logging.getLogger("berth.boot")
 
@@ -23,7 +24,7 @@ Check = Callable[[], Awaitable[str | None]]  # None: passed; else why it failed
 async def http_get(host: str, port: int, path: str, timeout: float, *, any_status: bool = False) -> str | None:
     """GET `path`; Kubernetes' rule: 200-399 passes (with `any_status`, any answer does)."""
     try:
-        async with asyncio.timeout(timeout):
+        async with timeouts.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             try:
                 writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: berth-probe\r\nConnection: close\r\n\r\n".encode())
@@ -43,7 +44,7 @@ async def http_get(host: str, port: int, path: str, timeout: float, *, any_statu
 
 async def tcp_socket(host: str, port: int, timeout: float) -> str | None:
     try:
-        async with asyncio.timeout(timeout):
+        async with timeouts.timeout(timeout):
             _, writer = await asyncio.open_connection(host, port)
             writer.close()
     except (OSError, asyncio.TimeoutError) as exc:
@@ -56,7 +57,7 @@ async def exec_command(argv: list[str], timeout: float) -> str | None:
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL
     )
     try:
-        async with asyncio.timeout(timeout):
+        async with timeouts.timeout(timeout):
             output, _ = await process.communicate()
     except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
         process.kill()

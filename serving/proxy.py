@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from serving.metrics import Metrics
+from serving import timeouts
 from serving.state import BootState, State
 
 log = logging.getLogger("berth.proxy")
@@ -127,7 +128,7 @@ class Timeout:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
-            async with asyncio.timeout(self.seconds):
+            async with timeouts.timeout(self.seconds):
                 return await self.next(request)
         except TimeoutError:
             if RESPONSE_STARTED in request:

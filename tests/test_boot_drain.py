@@ -91,3 +91,16 @@ def test_no_proxy_mode_gates_ready_and_drains(tmp_path):
         assert boot.wait() == 0
     finally:
         boot.close()
+
+
+def test_a_short_grace_period_still_leaves_a_quiet_period(tmp_path):
+    """With grace 4 s and the default 10 s stop timeout, the child gets half the grace, not all of it."""
+    boot = Boot(tmp_path, "--grace", "4", "--stop-timeout", "10", "--drain-delay", "1")
+    try:
+        boot.wait_ready()
+        boot.signal(signal.SIGTERM)
+        wait_until(lambda: boot.ready_status() == 503, 2, "/ready turning 503")
+        assert http("GET", boot.proxy + "/")[0] == 200  # still served in the quiet period
+        assert boot.wait() == 0
+    finally:
+        boot.close()

@@ -153,6 +153,29 @@ def test_exit_code_after_sigterm(tmp_path, on_term, expected):
         boot.close()
 
 
+def test_the_whole_group_gets_its_stop_timeout_when_the_leader_dies_first(tmp_path):
+    """`sh -c 'app; ...'` dies on SIGTERM at once; the app it started must still finish its handler."""
+    app, marker, port = tmp_path / "app.py", tmp_path / "cleaned-up", free_port()
+    app.write_text(
+        "import http.server, os, signal, sys, time\n"
+        "def stop(*_):\n"
+        "    time.sleep(0.5)\n"
+        "    open(sys.argv[2], 'w').write('cleaned up')\n"
+        "    os._exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()\n"
+    )
+    command = ["sh", "-c", f"{sys.executable} {app} {port} {marker}; echo the shell outlived its app"]
+    boot = Boot(tmp_path, "--port", str(port), "--drain-delay", "0", "--stop-timeout", "5", command=command)
+    try:
+        boot.wait_ready()
+        boot.signal(signal.SIGTERM)
+        assert boot.wait() == 0
+        assert marker.read_text() == "cleaned up"
+    finally:
+        boot.close()
+
+
 def test_orphans_are_reaped(tmp_path):
     boot = Boot(tmp_path)
     try:
