@@ -214,7 +214,9 @@ def test_crashing_command_backs_off_doubling_to_the_cap(agent, python_inference_
     inst = agent.service(name)["instances"][0]
     assert inst["last_exit"]["code"] == 7 and inst["last_exit"]["reason"] == "Error"
     assert "about to fail" in "\n".join(inst["last_exit"]["log_tail"])
-    assert "about to fail" in agent.cli("logs", name).stdout
+    # The last ended run's logs are kept; the current run may not have printed yet (it restarts in ms).
+    assert "about to fail" in agent.cli("logs", name, "--previous").stdout
+    wait_until(lambda: "about to fail" in agent.cli("logs", name).stdout, 10, "the current run's logs")
     assert f'berth_agent_restarts_total{{service="{name}"}}' in agent.api("GET", "/metrics").text
     failed = wait_state(agent, blocked, lambda s: s["instances"][0]["state"] == "Failed", 30, "crash block")
     assert failed["instances"][0]["restarts"] == 0 and "enable_crash_block" in failed["instances"][0]["reason"]

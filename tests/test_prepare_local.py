@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 import zipfile
 from pathlib import Path
@@ -34,12 +36,37 @@ def test_a_mounted_local_path_passes_and_is_timed(tmp_path: Path) -> None:
     assert f"storage {tmp_path / 'models'}" in run_prepare(spec, tmp_path / "cache", {})
 
 
-@pytest.mark.skipif(os.getuid() == 0, reason="root reads every directory")
-def test_an_unreadable_nfs_path_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "nas").mkdir(mode=0)
-    spec = _spec([{"mount_path": str(tmp_path / "nas"), "nfs": {"server": "nas", "path": "/export"}}])
-    with pytest.raises(PrepareError, match="not readable"):
-        run_prepare(spec, tmp_path / "cache", {})
+# Root reads every directory through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH: the check runs without them.
+WITHOUT_READ_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+CHECK_UNREADABLE = """
+import asyncio, sys
+from bootstrap.prepare import PrepareContext, PrepareError, prepare
+from bootstrap.spec import parse_spec
+spec = parse_spec({"metadata": {"name": "svc"}, "containers": [{"image": "app:1"}],
+                   "storage": [{"mount_path": sys.argv[1], "nfs": {"server": "nas", "path": "/export"}}]}).spec
+try:
+    asyncio.run(prepare(PrepareContext(spec, sys.argv[2], {})))
+except PrepareError as exc:
+    print(exc)
+"""
+
+
+def test_an_unreadable_nfs_path_is_a_clear_error() -> None:
+    base = Path(tempfile.mkdtemp(prefix="berth-nas-"))
+    try:
+        (base / "nas").mkdir(mode=0)
+        (base / "cache").mkdir(mode=0o777)
+        result = subprocess.run(
+            [*(WITHOUT_READ_OVERRIDE if os.getuid() == 0 else []), sys.executable, "-c", CHECK_UNREADABLE,
+             str(base / "nas"), str(base / "cache")],
+            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"storage {base / 'nas'}: not readable by uid" in result.stdout
+    finally:
+        (base / "nas").chmod(0o755)
+        shutil.rmtree(base)
 
 
 def test_empty_dir_is_created(tmp_path: Path) -> None:
