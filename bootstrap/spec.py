@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -94,8 +95,22 @@ Secret = Annotated[
         return_type=str,
     ),
 ]
-Quantity = Annotated[Union[str, int], Field(description="bytes, or a Kubernetes quantity like '100Gi'")]
+def _checked_quantity(value: str | int) -> str | int:
+    units.parse_quantity(value)  # raises with the accepted forms
+    return value
+
+
+Quantity = Annotated[
+    Union[str, int], AfterValidator(_checked_quantity), Field(description="bytes, or a Kubernetes quantity like '100Gi'")
+]
 CountOrPercent = Annotated[Union[int, str], Field(description="a count, or a percentage like '25%'")]
+
+
+def _exactly_one(model: BaseModel, names: tuple[str, ...]) -> None:
+    given = [name for name in names if getattr(model, name) is not None]
+    if len(given) != 1:
+        choices = ", ".join(names[:-1]) + f" or {names[-1]}"
+        raise ValueError(f"give exactly one of {choices}" + (f" (found {', '.join(given)})" if given else ""))
 
 
 class SpecModel(BaseModel):
@@ -249,12 +264,7 @@ class Probe(SpecModel):
 
     @model_validator(mode="after")
     def _one_action(self) -> "Probe":
-        given = [name for name in ("http_get", "tcp_socket", "exec") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of http_get, tcp_socket or exec"
-                + (f" (found {', '.join(given)})" if given else "")
-            )
+        _exactly_one(self, ("http_get", "tcp_socket", "exec"))
         return self
 
 
@@ -375,13 +385,6 @@ class EmptyDir(SpecModel):
     medium: Literal["", "memory", "Memory"] = ""
     size_limit: Quantity | None = None
 
-    @field_validator("size_limit")
-    @classmethod
-    def _size(cls, value: Quantity | None) -> Quantity | None:
-        if value is not None:
-            units.parse_quantity(value)
-        return value
-
     @property
     def in_memory(self) -> bool:
         return self.medium.lower() == "memory"
@@ -408,11 +411,7 @@ class Storage(SpecModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Storage":
-        given = [kind for kind in STORAGE_KINDS if getattr(self, kind) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of {', '.join(STORAGE_KINDS)}" + (f" (found {', '.join(given)})" if given else "")
-            )
+        _exactly_one(self, STORAGE_KINDS)
         return self
 
     @property
@@ -437,13 +436,6 @@ def _absolute_path(value: str) -> str:
 
 class Features(SpecModel):
     extra_ephemeral_storage: Quantity | None = Field(None, alias=EXTRA_EPHEMERAL_STORAGE)
-
-    @field_validator("extra_ephemeral_storage")
-    @classmethod
-    def _size(cls, value: Quantity | None) -> Quantity | None:
-        if value is not None:
-            units.parse_quantity(value)
-        return value
 
     @property
     def disk_limit_bytes(self) -> int | None:

@@ -38,7 +38,7 @@ def test_check_lists_every_error_with_its_path_and_exits_2(tmp_path: Path):
     lines = result.stderr.splitlines()
     assert f"{bad}: 2 error(s):" in lines
     assert "error: containers[0].port: 8080 is reserved for the serving proxy; use another port, e.g. 8000" in lines
-    assert "error: storage[0]: give exactly one of oss, s3, nfs, local, empty_dir (found oss, local)" in lines
+    assert "error: storage[0]: give exactly one of oss, s3, nfs, local or empty_dir (found oss, local)" in lines
     assert "warning: metadata.workspace_id: ignored: PAI workspaces does not apply on one node" in lines
     assert "tok-secret-1" not in result.stderr
 

@@ -103,7 +103,7 @@ def test_rolling_strategy_counts(surge, unavailable, instances, expected):
         ({"containers.0.script": "echo hi"}, "containers[0]: give command or script, not both"),
         ({"storage.0.mount_path": "data"}, "storage[0].mount_path: 'data' must be an absolute path"),
         ({"storage.0.oss": {"path": "s3://bucket/x"}}, "storage[0].oss.path: 's3://bucket/x' must look like 'oss://bucket/prefix/'"),
-        ({"storage.0.nfs": {"server": "n", "path": "/x"}}, "storage[0]: give exactly one of oss, s3, nfs, local, empty_dir (found oss, nfs)"),
+        ({"storage.0.nfs": {"server": "n", "path": "/x"}}, "storage[0]: give exactly one of oss, s3, nfs, local or empty_dir (found oss, nfs)"),
         ({"storage.0.oss": {"path": "oss://b/p/", "mode": "cache"}}, "storage[0].oss: mode 'cache' is read-only"),
         ({"containers.0.liveness_check": {"period_seconds": 5}}, "containers[0].liveness_check: give exactly one of http_get, tcp_socket or exec"),
         ({"features": {"ephemeral": "1Gi"}}, "features.ephemeral: unknown field"),
