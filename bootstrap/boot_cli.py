@@ -72,7 +72,7 @@ SETTINGS = (
             "so load balancers notice /ready turning 503", metavar="S"),
     Setting("--grace", "BERTH_GRACE", float, 30.0, "seconds from SIGTERM to the child's SIGKILL (spec: eas.termination_grace_period)",
             lambda s: s.metadata.grace_s, "S"),
-    Setting("--stop-timeout", "BERTH_STOP_TIMEOUT", float, 10.0, "seconds the child gets between SIGTERM and SIGKILL, within the grace period",
+    Setting("--stop-timeout", "BERTH_STOP_TIMEOUT", float, 10.0, "seconds the child gets between SIGTERM and SIGKILL; at most half of --grace, so a drain keeps the rest",
             metavar="S"),
     Setting("--startup-timeout", "BERTH_STARTUP_TIMEOUT", float, DEFAULT_STARTUP_TIMEOUT_S,
             "seconds the child gets to pass its startup check (spec: startup_check period x failure_threshold)", _startup_timeout, "S"),
