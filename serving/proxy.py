@@ -13,13 +13,12 @@ relays to the child, streaming the response as it is produced.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +28,7 @@ from yarl import URL
 from serving.metrics import Metrics
 from serving import timeouts
 from serving.state import BootState, State
+from serving.upstream import Headers, NotReachable, Response, UpstreamError, UpstreamPool
 
 log = logging.getLogger("berth.proxy")
 
@@ -39,7 +39,7 @@ BODY = web.RequestKey("berth.body", bytes)
 RESPONSE_STARTED = web.RequestKey("berth.response_started", float)  # perf_counter at the first byte sent
 
 HOP_BY_HOP = frozenset(
-    h.lower() for h in (
+    h.lower().encode() for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
         "TE", "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Content-Length",
     )
@@ -222,30 +222,20 @@ class Measure:
 class Forward:
     """Relay to the child over pooled keep-alive connections; stream what it produces."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: ProxyConfig, metrics: Metrics) -> None:
-        self.session, self.metrics = session, metrics
+    def __init__(self, upstream: Upstream, config: ProxyConfig, metrics: Metrics) -> None:
+        self.pool, self.websockets, self.metrics = upstream.pool, upstream.websockets, metrics
         self.origin = f"http://{config.upstream_host}:{config.upstream_port}"
+        self.host = f"{config.upstream_host}:{config.upstream_port}".encode()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        url = URL(self.origin + request.raw_path, encoded=True)  # the path and query exactly as sent
-        headers = upstream_headers(request)
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._websocket(request, url, headers)
-        body = request.get(BODY)
-        upstream = None
-        for attempt in (1, 2):
-            try:
-                upstream = await self.session.request(request.method, url, headers=headers, data=body, allow_redirects=False)
-                break
-            except aiohttp.ClientConnectorError as exc:
-                return reject(self.metrics, 502, f"the service is not reachable: {exc.os_error.strerror or exc}")
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # The keep-alive race: the child closed a pooled connection as we sent on it,
-                # before answering a byte. The body is in memory, so one retry is safe.
-                if attempt == 2 or not _closed_before_answer(exc):
-                    return reject(self.metrics, 502, f"the service closed the connection: {exc}")
-                log.debug("upstream connection closed before an answer; retrying once on a new one")
-        assert upstream is not None
+            return await self._websocket(request)
+        try:
+            upstream = await self.pool.request(request.method, request.raw_path, forwarded_headers(request, self.host), request.get(BODY))
+        except NotReachable as exc:
+            return reject(self.metrics, 502, f"the service is not reachable: {exc}")
+        except UpstreamError as exc:
+            return reject(self.metrics, 502, str(exc))
         try:
             response = await self._relay(request, upstream)
         except BaseException:
@@ -254,8 +244,8 @@ class Forward:
         upstream.release()
         return response
 
-    async def _relay(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        headers = response_headers(upstream)
+    async def _relay(self, request: web.BaseRequest, upstream: Response) -> web.StreamResponse:
+        headers = _decoded(_without_hop_by_hop(upstream.headers))
         length = upstream.content_length
         if length is not None and length <= SMALL_BODY and request.method != "HEAD":
             body = await upstream.read()
@@ -266,16 +256,17 @@ class Forward:
             response.content_length = length
         await response.prepare(request)
         request[RESPONSE_STARTED] = time.perf_counter()
-        async for chunk in upstream.content.iter_any():  # as produced: no buffering
+        async for chunk in upstream.chunks():  # as produced: no buffering
             await response.write(chunk)
         return response
 
-    async def _websocket(self, request: web.BaseRequest, url: URL, headers: CIMultiDict[str]) -> web.StreamResponse:
-        for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol"):
-            headers.popall(name, None)
+    async def _websocket(self, request: web.BaseRequest) -> web.StreamResponse:
+        # aiohttp's client makes its own handshake: the client's key, version and offers stay here.
+        headers = CIMultiDict(_decoded((name, value) for name, value in forwarded_headers(request, self.host) if not name.lower().startswith(b"sec-websocket-")))
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        url = URL(self.origin + request.raw_path, encoded=True)  # the path and query exactly as sent
         try:
-            upstream = await self.session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
+            upstream = await self.websockets.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
         except aiohttp.WSServerHandshakeError as exc:
             return reject(self.metrics, exc.status or 502, f"the service refused the WebSocket: {exc.message}")
         except aiohttp.ClientError as exc:
@@ -305,57 +296,68 @@ async def _pump_ws(source, sink) -> None:
     await sink.close()
 
 
-def _closed_before_answer(exc: Exception) -> bool:
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return True
-    return getattr(exc, "errno", None) in (errno.ECONNRESET, errno.EPIPE)
+def _without_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    headers = list(headers)
+    dropped = HOP_BY_HOP
+    for name, value in headers:
+        if name.lower() == b"connection":  # headers the Connection header names are hop-by-hop too
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
-def _without_hop_by_hop(source) -> CIMultiDict[str]:
-    headers = CIMultiDict(source)
-    for value in source.getall("Connection", ()):  # headers the Connection header names are hop-by-hop too
-        for token in value.split(","):
-            headers.popall(token.strip(), None)
-    for name in HOP_BY_HOP:
-        if name in headers:
-            del headers[name]
+def _decoded(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    # As aiohttp's own parser decodes them, so its writer sends the same bytes on.
+    return [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")) for name, value in headers]
+
+
+def forwarded_headers(request: web.BaseRequest, default_host: bytes) -> Headers:
+    """The client's headers minus hop-by-hop ones; X-Forwarded-For gains the client's
+    address, X-Forwarded-Proto is set unless a proxy before us did; Host if the client sent none."""
+    headers, prior, has_host, has_proto = [], [], False, False
+    for name, value in _without_hop_by_hop(request.raw_headers):
+        lowered = name.lower()
+        if lowered == b"x-forwarded-for":
+            prior.append(value)
+            continue
+        has_host = has_host or lowered == b"host"
+        has_proto = has_proto or lowered == b"x-forwarded-proto"
+        headers.append((name, value))
+    peer = (request.remote or "").encode()
+    headers.append((b"X-Forwarded-For", b", ".join([*prior, peer]) if prior else peer))
+    if not has_proto:
+        headers.append((b"X-Forwarded-Proto", request.scheme.encode()))
+    if not has_host:
+        headers.append((b"Host", default_host))
     return headers
 
 
-def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, plus X-Forwarded-For/Proto."""
-    headers = _without_hop_by_hop(request.headers)
-    if request.headers.get("Upgrade", "").lower() == "websocket":
-        headers["Upgrade"], headers["Connection"] = "websocket", "Upgrade"
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers.setdefault("X-Forwarded-Proto", request.scheme)
-    return headers
+class Upstream:
+    """The connections to the child: berth's own keep-alive pool for HTTP, aiohttp's client for WebSockets."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.pool = UpstreamPool(config.upstream_host, config.upstream_port, idle_timeout=config.upstream_idle)
+        self.websockets = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
+            timeout=aiohttp.ClientTimeout(total=None, connect=5),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.websockets.close()
 
 
-def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    return _without_hop_by_hop(upstream.headers)
+def upstream_session(config: ProxyConfig) -> Upstream:
+    return Upstream(config)
 
 
-def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, session: aiohttp.ClientSession) -> Handler:
-    forward = Forward(session, config, metrics)
+def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, upstream: Upstream) -> Handler:
+    forward = Forward(upstream, config, metrics)
     chain: Handler = Measure(metrics, forward)
     chain = Auth(config.token, metrics, chain)
     chain = Limits(config, state, metrics, chain)
     chain = Timeout(config.request_timeout, metrics, chain)
     return Drain(state, config, metrics, chain)
-
-
-def upstream_session(config: ProxyConfig) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=config.upstream_idle, use_dns_cache=False)
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # pass bodies through as the child encoded them
-        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
-        timeout=aiohttp.ClientTimeout(total=None, connect=5),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-    )
 
 
 class HeaderTimeout:
