@@ -30,6 +30,10 @@ log = logging.getLogger("berth.prepare")
 # one. Parts stream to disk, so their size costs no memory, only requests per file.
 DEFAULT_PART_SIZE = 64 * MIB
 DEFAULT_CONCURRENCY = 32
+# aiohttp's default buffer per response (64 KiB, reading paused above 128 KiB) stops and
+# restarts the socket for nearly every chunk; 1 MiB lets the loop take bigger reads. At most
+# twice this waits per connection: 64 MiB with 32 in flight.
+READ_BUFFER = 1 * MIB
 MAX_RESTARTS = 3  # an object replaced this many times during one download is an error
 
 
@@ -174,9 +178,13 @@ class _Fetcher:
                 Bucket=self.location.bucket, Key=obj.key, Range=f"bytes={offset}-{end - 1}", IfMatch=obj.etag
             )
             async with response["Body"] as body:
-                # Each chunk as aiohttp received it: no joining copy, one pwrite per chunk.
-                async for chunk in body.raw_stream.content.iter_any():
-                    offset = self._write(partial, index, chunk, offset, end)
+                stream = body.raw_stream.content
+                stream.set_read_chunk_size(READ_BUFFER)
+                # Each chunk as aiohttp received it (iter_any would join what is buffered: a
+                # copy), one pwrite per chunk.
+                async for chunk, _ in stream.iter_chunks():
+                    if chunk:
+                        offset = self._write(partial, index, chunk, offset, end)
         except (ClientError, DownloadError):
             raise
         except Exception as exc:  # noqa: BLE001 - aiohttp, botocore and socket errors alike
