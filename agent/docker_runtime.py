@@ -22,9 +22,11 @@ from agent.config import AgentConfig
 from agent.disk import DiskUsage, QuotaSupport, measure_instance_disk, storage_quota_support
 from agent.dockertime import docker_time
 from agent.imagegc import GcResult, ImageGc
+from agent.launch import agent_label
 from agent.pull import Puller, PullError
 from agent.runtime import (
     ADMIN_PORT,
+    LABEL_AGENT,
     LABEL_ADMIN_PORT,
     LABEL_PROXY_PORT,
     LABEL_SERVICE,
@@ -66,6 +68,9 @@ class DockerRuntime:
         self._secrets_root = config.state_dir / "secrets"
         self._images_gc = ImageGc(self._client, config.image_gc_policy)
         self._quota: QuotaSupport | None = None  # probed at the first start that asks for a disk limit
+        # Only this agent's containers: another agent on the engine (a second state directory)
+        # owns its own, and this one must neither adopt nor reap them.
+        self._own_labels = [LABEL_SERVICE, f"{LABEL_AGENT}={agent_label(config)}"]
 
     # --- images -------------------------------------------------------------------------------
 
@@ -194,7 +199,7 @@ class DockerRuntime:
         return mounts
 
     def list(self) -> list[Handle]:
-        containers = self._client.api.containers(all=True, filters={"label": LABEL_SERVICE})
+        containers = self._client.api.containers(all=True, filters={"label": self._own_labels})
         handles = []
         for summary in containers:
             try:
@@ -268,6 +273,10 @@ class DockerRuntime:
             self._client.api.remove_container(instance_id, v=True, force=True)
         except NotFound:
             return
+        except APIError as exc:
+            if exc.status_code == 409 and "already in progress" in str(exc.explanation):
+                return  # another caller (a delete, the reaper) is removing it: the same end
+            raise
         self._forget_secrets(attrs["Name"].lstrip("/"))
 
     def _remove_by_name(self, name: str) -> None:
@@ -295,7 +304,7 @@ class DockerRuntime:
         while not stopped():
             try:
                 client = docker.from_env(timeout=None)
-                events = client.api.events(decode=True, filters={"type": "container", "event": "die", "label": LABEL_SERVICE})
+                events = client.api.events(decode=True, filters={"type": "container", "event": "die", "label": self._own_labels})
                 for event in events:
                     on_exit(event["id"])
                     if stopped():

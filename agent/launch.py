@@ -116,6 +116,7 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         rt.LABEL_REVISION: revision,
         rt.LABEL_GPUS: ",".join(gpus),
         rt.LABEL_GRACE: str(spec.metadata.grace_s),
+        rt.LABEL_AGENT: agent_label(config),
     }
     proxy_port = admin_port = None
     if host_ports:
@@ -129,6 +130,11 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         app_port=container.port, bootstrap=container.bootstrap, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
         disk_limit_bytes=spec.features.disk_limit_bytes,
     )
+
+
+def agent_label(config: AgentConfig) -> str:
+    """Which agent an instance belongs to: its state directory, unique on a node and readable in `docker inspect`."""
+    return str(config.state_dir.resolve())
 
 
 def container_name(service: str, slot: int, revision: str) -> str:

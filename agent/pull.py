@@ -3,10 +3,12 @@
 - Names are resolved as Docker resolves them (`app` -> docker.io/library/app:latest).
 - Operator mirrors of a registry are tried first; the image is then tagged with its own name.
 - Concurrent pulls of one image share one pull (every waiter sees its progress and result).
-- A pull that makes no progress for the stall timeout is aborted: the Engine API client's
-  socket read timeout *is* the stall watchdog, since the engine streams a progress line for
-  every chunk it receives. An overall timeout bounds the whole pull.
-- Transient registry errors are retried with doubling delays; "not found" and "denied" are not.
+- A pull that makes no progress for the stall timeout is aborted: the socket read timeout of
+  the Engine API call *is* the stall watchdog, since the engine streams a progress line for
+  every chunk it receives (the SDK's own `pull` sends no timeout at all, so the call is made
+  here). Closing the call makes the engine abandon the pull. An overall timeout bounds it all.
+- Transient registry errors are retried with doubling delays; "not found" and "denied" are not,
+  and a refused or missing credential says where credentials are set.
 - Credentials (a spec's `dockerAuth`, or the operator's per registry) never reach a log line.
 """
 
@@ -14,27 +16,33 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import docker
 import docker.auth
 import docker.utils
-from docker.errors import APIError, DockerException
+import requests
+from docker.errors import DockerException
 from requests.exceptions import ConnectionError as RequestsConnectionError
 from requests.exceptions import ReadTimeout
+from urllib3.exceptions import ReadTimeoutError
 
 from agent.config import Timings
 from bootstrap.units import format_bytes
 
 log = logging.getLogger("berth.agent.pull")
 
-PERMANENT_MARKERS = ("not found", "manifest unknown", "unauthorized", "denied", "authentication required",
-                     "invalid reference", "repository does not exist", "no such host")
+CREDENTIAL_MARKERS = ("unauthorized", "denied", "authentication required", "no basic auth credentials")
+PERMANENT_MARKERS = (*CREDENTIAL_MARKERS, "not found", "manifest unknown", "invalid reference",
+                     "repository does not exist", "no such host")
+CREDENTIALS_HINT = ("; give the registry's credentials as the spec's dockerAuth (base64 of 'user:password'), "
+                    "or the agent's registry_auth for {registry}")
 
 
 class PullError(Exception):
@@ -191,29 +199,63 @@ class Puller:
         credentials = auth or self._operator_auth.get(registry)
         auth_config = decode_auth(credentials) if credentials else None
         source = ref.name(registry)
-        # The read timeout of this client is the stall watchdog (see the module's docstring).
-        api = self._connect(self._timings.pull_stall_timeout_s)
+        stall_s = self._timings.pull_stall_timeout_s
+        api = self._connect(stall_s)
         progress = _Progress(self._timings.pull_progress_period_s, report)
         report(f"pulling {source} ({ref.reference})")
         try:
-            for line in api.pull(source, tag=ref.reference, stream=True, decode=True, auth_config=auth_config):
+            for line in _create_image(api, source, ref.reference, auth_config, stall_s):
                 if "error" in line:
                     message = line.get("errorDetail", {}).get("message") or line["error"]
-                    raise PullError(f"{ref}: {message}", permanent=_is_permanent(message))
+                    raise _pull_error(ref, registry, message)
                 progress.update(line)
                 if time.monotonic() - started > self._timings.pull_timeout_s:
                     raise PullError(f"{ref}: not pulled within {self._timings.pull_timeout_s:.0f} s (pull_timeout_s)",
                                     permanent=True)
             if registry != ref.registry:
                 api.tag(f"{source}{'@' if ref.is_digest else ':'}{ref.reference}", ref.name(), None if ref.is_digest else ref.reference)
-        except ReadTimeout:
-            raise PullError(f"{ref}: no progress for {self._timings.pull_stall_timeout_s:.0f} s (pull_stall_timeout_s)",
-                            permanent=False) from None
-        except APIError as exc:
-            message = str(exc.explanation or exc)
-            raise PullError(f"{ref}: {message}", permanent=_is_permanent(message) or exc.status_code in (401, 403, 404)) from None
-        except (RequestsConnectionError, DockerException) as exc:
+        except _EngineRefused as exc:
+            raise _pull_error(ref, registry, exc.message, exc.status) from None
+        except (ReadTimeout, ReadTimeoutError):
+            raise PullError(f"{ref}: no progress for {stall_s:g} s (pull_stall_timeout_s)", permanent=False) from None
+        except RequestsConnectionError as exc:
+            if exc.args and isinstance(exc.args[0], ReadTimeoutError):  # requests' name for a read timeout mid-stream
+                raise PullError(f"{ref}: no progress for {stall_s:g} s (pull_stall_timeout_s)", permanent=False) from None
+            raise PullError(f"{ref}: {exc}", permanent=False) from None
+        except DockerException as exc:
             raise PullError(f"{ref}: {exc}", permanent=False) from None
         finally:
             api.close()
         report(progress.summary().replace("pulling:", "pulled:"))
+
+
+class _EngineRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _create_image(api: docker.APIClient, source: str, reference: str, auth_config: dict[str, str] | None,
+                  read_timeout_s: float) -> Iterator[dict]:
+    """The Engine API's image create, as the SDK's `pull` makes it, but with a read timeout."""
+    registry, _ = docker.auth.resolve_repository_name(source)
+    header = docker.auth.encode_header(auth_config) if auth_config else docker.auth.get_config_header(api, registry)
+    response = api.post(f"{api.base_url}/v{api.api_version}/images/create", params={"fromImage": source, "tag": reference},
+                        headers={"X-Registry-Auth": header} if header else {}, stream=True,
+                        timeout=(read_timeout_s, read_timeout_s))
+    with response:
+        if response.status_code != 200:
+            try:
+                message = response.json().get("message") or response.text
+            except (ValueError, requests.RequestException):
+                message = response.text
+            raise _EngineRefused(response.status_code, message.strip())
+        for raw in response.iter_lines():
+            if raw.strip():
+                yield json.loads(raw)
+
+
+def _pull_error(ref: ImageRef, registry: str, message: str, status: int | None = None) -> PullError:
+    lowered = message.lower()
+    hint = CREDENTIALS_HINT.format(registry=registry) if any(marker in lowered for marker in CREDENTIAL_MARKERS) else ""
+    return PullError(f"{ref}: {message}{hint}", permanent=_is_permanent(message) or status in (401, 403, 404))

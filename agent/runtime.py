@@ -24,6 +24,7 @@ LABEL_GPUS = "berth.gpus"
 LABEL_GRACE = "berth.grace"
 LABEL_PROXY_PORT = "berth.proxy-port"
 LABEL_ADMIN_PORT = "berth.admin-port"
+LABEL_AGENT = "berth.agent"  # the state directory of the agent that runs the instance
 
 PROXY_PORT = 8080
 ADMIN_PORT = 9090

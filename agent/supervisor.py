@@ -207,7 +207,7 @@ class Supervisor:
             try:
                 await housekeeping()
             except Exception:  # noqa: BLE001 - housekeeping must outlive one bad pass
-                log.exception("%s failed; tried again in %.0f s", housekeeping.__name__, period)
+                log.exception("%s failed; tried again in %g s", housekeeping.__name__, period)
 
     def _adopt(self, handles: list[Handle]) -> int:
         """Rebuild services from the store and attach the runtime's instances to them.

@@ -2,7 +2,8 @@
 
 Restarting a server is not a network fault; cutting a connection mid-transfer is. The proxy
 forwards 127.0.0.1:<port> to a target and, when told, cuts connections after a number of
-bytes from the server, or refuses new connections, while counting what passed. It can also
+bytes from the server, stalls them (stops forwarding, keeps them open, as a hung registry or a
+black-holed route does), or refuses new connections, while counting what passed. It can also
 answer the next requests itself with an HTTP error (an S3 503 SlowDown, say) and records when
 each request was in flight, so a test can see how many ran at once.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Faults:
     cut_after_bytes: int | None = None  # total server->client bytes, across connections, before every cut
+    stall_after_bytes: int | None = None  # total server->client bytes, across connections, then nothing more
     refuse: bool = False
     error_responses: int = 0  # answer this many next requests with `error_response`, not forwarding them
     error_response: bytes = b""
@@ -32,6 +34,7 @@ class FaultProxy:
         self.bytes_down = 0
         self.connections = 0
         self.cuts = 0
+        self.stalled = threading.Event()  # set once a connection has held back data
         self.errors_sent = 0
         self.spans: list[list[float]] = []  # [start, end] of each request: request bytes in, last response bytes out
         self._current: dict[int, list[float]] = {}  # connection id -> its request in flight
@@ -50,6 +53,12 @@ class FaultProxy:
         """Cut every connection once `total_bytes` more server->client bytes have passed (None heals)."""
         with self._lock:
             self.faults.cut_after_bytes = None if total_bytes is None else self.bytes_down + total_bytes
+
+    def stall_after(self, total_bytes: int | None) -> None:
+        """Forward `total_bytes` more server->client bytes, then hold every connection open with nothing
+        passing (no RST, no FIN) until healed with None or the proxy is closed."""
+        with self._lock:
+            self.faults.stall_after_bytes = None if total_bytes is None else self.bytes_down + total_bytes
 
     def fail_requests(self, count: int, status: int = 503, code: str = "SlowDown",
                       headers: dict[str, str] | None = None) -> None:
@@ -143,6 +152,10 @@ class FaultProxy:
                             data, cut = data[: max(0, limit - self.bytes_down)], True
                             self.cuts += 1
                         self.bytes_down += len(data)
+                    held = self._hold_back(data) if not cut else b""
+                    if held:
+                        sink.sendall(data[: len(data) - len(held)])
+                        data = self._wait_while_stalled(held)
                 if data:
                     sink.sendall(data)
                 if cut:
@@ -165,6 +178,23 @@ class FaultProxy:
                 sock.close()
                 with self._lock:
                     self._open.discard(sock)
+
+
+    def _hold_back(self, data: bytes) -> bytes:
+        """The tail of `data` (already counted in bytes_down) beyond the stall limit."""
+        with self._lock:
+            limit = self.faults.stall_after_bytes
+            if limit is None or self.bytes_down <= limit:
+                return b""
+            return data[max(0, len(data) - (self.bytes_down - limit)):]
+
+    def _wait_while_stalled(self, held: bytes) -> bytes:
+        self.stalled.set()
+        while not self._closed and self.faults.stall_after_bytes is not None:
+            time.sleep(0.05)
+        if self._closed:
+            raise OSError("the proxy closed while stalled")
+        return held
 
 
 def _end_politely(client: socket.socket, upstream: socket.socket) -> None:
