@@ -28,6 +28,7 @@ from agent.runtime import (
     ADMIN_PORT,
     LABEL_AGENT,
     LABEL_ADMIN_PORT,
+    LABEL_APP_PORT,
     LABEL_PROXY_PORT,
     LABEL_SERVICE,
     PROXY_PORT,
@@ -115,12 +116,12 @@ class DockerRuntime:
         bindings: dict[int, tuple[str]] = {}
         host_mode = request.network == "host"
         if host_mode:
-            environment["BERTH_PROXY_PORT"] = str(request.proxy_port)
             environment["BERTH_ADMIN_PORT"] = str(request.admin_port)
-        elif request.bootstrap:
-            bindings = {PROXY_PORT: (request.host_ip,), ADMIN_PORT: (request.host_ip,)}  # host port chosen by Docker
-        else:
-            bindings = {request.app_port: (request.host_ip,)}
+            if request.proxy:
+                environment["BERTH_PROXY_PORT"] = str(request.proxy_port)
+        else:  # host ports chosen by Docker
+            public = [PROXY_PORT] if request.proxy else [request.app_port]
+            bindings = {port: (request.host_ip,) for port in public + ([ADMIN_PORT] if request.bootstrap else [])}
         host_config = self._client.api.create_host_config(
             port_bindings=bindings or None,
             network_mode="host" if host_mode else None,
@@ -234,9 +235,9 @@ class DockerRuntime:
             running=bool(state["Running"]),
             created_at=docker_time(attrs["Created"]) or 0.0,
             host_ip=self._config.host_ip,
-            proxy_port=int(labels[LABEL_PROXY_PORT]) if host_mode else host_port(PROXY_PORT),
-            admin_port=int(labels[LABEL_ADMIN_PORT]) if host_mode else host_port(ADMIN_PORT),
-            app_port=host_port(app_port) if app_port else None,
+            proxy_port=_label_port(labels, LABEL_PROXY_PORT) if host_mode else host_port(PROXY_PORT),
+            admin_port=_label_port(labels, LABEL_ADMIN_PORT) if host_mode else host_port(ADMIN_PORT),
+            app_port=_label_port(labels, LABEL_APP_PORT) if host_mode else (host_port(app_port) if app_port else None),
             exit=exit_info,
         )
 
@@ -343,3 +344,7 @@ class DockerRuntime:
 
 
 __all__ = ["DockerRuntime", "PullError", "engine_reachable"]
+
+
+def _label_port(labels: dict[str, str], label: str) -> int | None:
+    return int(labels[label]) if label in labels else None

@@ -118,16 +118,22 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         rt.LABEL_GRACE: str(spec.metadata.grace_s),
         rt.LABEL_AGENT: agent_label(config),
     }
+    proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None
     if host_ports:
-        proxy_port, admin_port = free_port(config.host_ip), free_port(config.host_ip)
-        labels[rt.LABEL_PROXY_PORT], labels[rt.LABEL_ADMIN_PORT] = str(proxy_port), str(admin_port)
+        admin_port = free_port(config.host_ip)
+        labels[rt.LABEL_ADMIN_PORT] = str(admin_port)
+        if proxy:
+            proxy_port = free_port(config.host_ip)
+            labels[rt.LABEL_PROXY_PORT] = str(proxy_port)
+        else:
+            labels[rt.LABEL_APP_PORT] = str(container.port)
     return rt.LaunchRequest(
         service=spec.name, slot=slot, name=container_name(spec.name, slot, revision), image=container.image, argv=argv, env=env,
         labels=labels, mounts=mounts, secret_files=secret_files, cpu=spec.metadata.cpu,
         memory_bytes=spec.metadata.memory_bytes, shm_bytes=spec.metadata.shm_bytes, gpus=gpus,
         grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
-        app_port=container.port, bootstrap=container.bootstrap, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
+        app_port=container.port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
         disk_limit_bytes=spec.features.disk_limit_bytes,
     )
 

@@ -85,7 +85,7 @@ class ProcessRuntime:
         record = {
             "id": request.name, "pid": child.pid, "create_time": psutil.Process(child.pid).create_time(),
             "labels": request.labels, "host_ip": request.host_ip, "proxy_port": request.proxy_port,
-            "admin_port": request.admin_port, "app_port": None if request.bootstrap else request.app_port,
+            "admin_port": request.admin_port, "app_port": None if request.proxy else request.app_port,
             "log": str(log_path), "status": str(status_path),
         }
         self._record_path(request.name).write_text(json.dumps(record))
@@ -125,8 +125,9 @@ class ProcessRuntime:
         env = {key: os.environ[key] for key in ("HOME", "LANG", "TZ", "SSL_CERT_FILE") if key in os.environ}
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
         env.update(request.env)
-        env["BERTH_PROXY_PORT"] = str(request.proxy_port)
         env["BERTH_ADMIN_PORT"] = str(request.admin_port)
+        if request.proxy:
+            env["BERTH_PROXY_PORT"] = str(request.proxy_port)
         if request.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(request.gpus)
         if "BERTH_SERVICE_TOKEN_FILE" in env:

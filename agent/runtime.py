@@ -24,6 +24,7 @@ LABEL_GPUS = "berth.gpus"
 LABEL_GRACE = "berth.grace"
 LABEL_PROXY_PORT = "berth.proxy-port"
 LABEL_ADMIN_PORT = "berth.admin-port"
+LABEL_APP_PORT = "berth.app-port"  # host mode without the proxy: clients reach the app here
 LABEL_AGENT = "berth.agent"  # the state directory of the agent that runs the instance
 
 PROXY_PORT = 8080
@@ -62,6 +63,7 @@ class LaunchRequest:
     host_ip: str
     app_port: int
     bootstrap: bool
+    proxy: bool = True  # false: `berth boot --no-proxy`, the app's port is published instead of the proxy's
     proxy_port: int | None = None  # host mode: the ports the agent chose
     admin_port: int | None = None
     fuse: bool = False

@@ -78,7 +78,7 @@ SETTINGS = (
             "seconds the child gets to pass its startup check (spec: startup_check period x failure_threshold)", _startup_timeout, "S"),
     Setting("--probe-interval", "BERTH_PROBE_INTERVAL", float, 0.05, "seconds between startup checks (one in flight at a time)", metavar="S"),
     Setting("--no-proxy", "BERTH_NO_PROXY", _flag, False, "no traffic proxy: clients reach the child's port directly "
-            "(/ready, warmup and drain still work)"),
+            "(/ready, warmup and drain still work) (spec: containers[0].proxy false)", lambda s: not s.container.proxy),
     Setting("--max-body", "BERTH_MAX_BODY", _size, 1 * MiB, "largest request body, bytes or a quantity like 10Mi (413 beyond)", metavar="SIZE"),
     Setting("--request-timeout", "BERTH_REQUEST_TIMEOUT", float, 600.0, "seconds a request may take (504) (spec: rpc.keepalive)",
             lambda s: s.metadata.request_timeout_s, "S"),

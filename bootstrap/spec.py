@@ -284,6 +284,11 @@ class Container(SpecModel):
     # berth extensions
     image_pull_policy: PullPolicy | None = Field(None, description="berth extension; the agent's default when absent")
     bootstrap: bool = Field(True, description="berth extension; false runs the image without `berth boot`")
+    proxy: bool = Field(
+        True,
+        description="berth extension; false runs `berth boot --no-proxy`: clients reach the app's own port "
+        "(the agent publishes it instead of 8080), with readiness, warmup and drain kept",
+    )
 
     @field_validator("image")
     @classmethod

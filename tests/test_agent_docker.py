@@ -254,6 +254,22 @@ def test_each_service_sees_only_its_own_part_of_the_node_cache(agent, docker_cli
         agent.cli("rm", name)
 
 
+def test_without_the_proxy_clients_reach_the_apps_own_port(agent, docker_client, python_inference_image):
+    name = unique("direct")
+    spec = service_spec(name, python_inference_image)
+    spec["containers"][0]["proxy"] = False
+    result = agent.deploy(spec, "--wait")
+    assert result.returncode == 0, result.stderr
+    instance = agent.service(name)["instances"][0]
+    container = docker_client.containers.get(instance["runtime_id"])
+    assert set(container.attrs["NetworkSettings"]["Ports"]) == {"8000/tcp", "9090/tcp"}  # no 8080: no proxy
+    app_port = int(container.attrs["NetworkSettings"]["Ports"]["8000/tcp"][0]["HostPort"])
+    assert instance["endpoint"] == f"http://127.0.0.1:{app_port}"
+    with urllib.request.urlopen(instance["endpoint"] + "/", timeout=5) as response:
+        assert response.status == 200 and b"Directory listing" in response.read()
+    agent.cli("rm", name)
+
+
 def test_bad_inputs_give_clear_errors_and_disturb_nothing(agent, python_inference_image, base_image, registry):
     name = unique("keep")
     assert agent.deploy(service_spec(name, python_inference_image), "--wait").returncode == 0
