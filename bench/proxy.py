@@ -10,7 +10,10 @@ nginx (1 worker, as berth is one process) proxies to the same upstream with keep
   send time and its latency counts from then, so queueing shows (closed-loop tools such as
   wrk wait for an answer before sending and hide it). Added latency = proxied - direct.
 - Maximum rate: h2load (nghttp2-client) over HTTP/1.1, 64 connections, closed loop: the
-  right tool for throughput, which is what it measures here.
+  right tool for throughput, which is what it measures here. Two reference rows beside it:
+  aiohttp's server answering a constant (the ceiling of any proxy on that server) and a bare
+  httptools server in front of berth's upstream pool (what a server side of berth's own
+  could reach, before its handler chain).
 - SSE: the suite's test app streams events 20 ms apart; time to first chunk and the mean gap
   between chunks as the client sees them, proxied vs direct.
 - Proxy CPU per 1000 requests, from the proxy process's CPU time over the fixed-rate runs.
@@ -78,6 +81,32 @@ from aiohttp import web
 async def hello(request): return web.Response(text="ok\\n")
 async def main():
     await asyncio.get_running_loop().create_server(web.Server(hello, access_log=None), "127.0.0.1", int(sys.argv[1]))
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+# What a server side of berth's own could reach: an httptools request parser in front of
+# berth's upstream pool, no handler chain, GET only (no limits, drain, metrics or streaming).
+LEAN_PROXY = """\
+import asyncio, sys, uvloop, httptools
+from serving.upstream import UpstreamPool
+class Lean(asyncio.Protocol):
+    def __init__(self, pool): self.pool, self.parser = pool, httptools.HttpRequestParser(self)
+    def connection_made(self, transport): self.transport = transport
+    def data_received(self, data): self.parser.feed_data(data)
+    def on_message_begin(self): self.headers = []
+    def on_url(self, url): self.url = url
+    def on_header(self, name, value): self.headers.append((name, value))
+    def on_message_complete(self): asyncio.ensure_future(self.relay(self.url.decode(), self.headers))
+    async def relay(self, url, headers):
+        upstream = await self.pool.request("GET", url, headers + [(b"X-Forwarded-For", b"127.0.0.1")], None)
+        body = await upstream.read()
+        upstream.release()
+        head = [b"HTTP/1.1 %d %s\\r\\n" % (upstream.status, upstream.reason.encode())]
+        head += [b"%s: %s\\r\\n" % pair for pair in upstream.headers if pair[0].lower() not in (b"connection", b"content-length")]
+        self.transport.write(b"".join(head) + b"Content-Length: %d\\r\\n\\r\\n" % len(body) + body)
+async def main():
+    pool = UpstreamPool("127.0.0.1", int(sys.argv[2]), idle_timeout=4)
+    await asyncio.get_running_loop().create_server(lambda: Lean(pool), "127.0.0.1", int(sys.argv[1]))
     await asyncio.Event().wait()
 uvloop.run(main())
 """
@@ -223,12 +252,13 @@ def main() -> None:
             sys.exit(f"{tool} is missing: apt-get install nginx nghttp2-client")
 
     prefix = Path(tempfile.mkdtemp(prefix="berth-bench-"))
-    upstream, sse, nginx_port, proxy_port, admin_port, hello = (free_port() for _ in range(6))
+    upstream, sse, nginx_port, proxy_port, admin_port, hello, lean = (free_port() for _ in range(7))
     processes: list[subprocess.Popen] = []
     try:
         sse_app = subprocess.Popen([sys.executable, "-m", "tests.apps.slowapp", "--port", str(sse)], cwd=REPO, stdout=subprocess.DEVNULL)
         processes.append(sse_app)
         processes.append(subprocess.Popen([sys.executable, "-c", AIOHTTP_HELLO, str(hello)]))
+        processes.append(subprocess.Popen([sys.executable, "-c", LEAN_PROXY, str(lean), str(upstream)], cwd=REPO))
         proxy_conf = nginx_config(prefix, "proxy", PROXY_BODY.format(port=nginx_port, upstream=upstream, sse=sse))
         nginx_proxy = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(proxy_conf)], stderr=subprocess.DEVNULL)
         processes.append(nginx_proxy)
@@ -240,13 +270,15 @@ def main() -> None:
             cwd=REPO, stderr=open(prefix / "boot.log", "wb"),
         )
         processes.append(boot)
-        for port in (upstream, sse, nginx_port, proxy_port, hello):
+        for port in (upstream, sse, nginx_port, proxy_port, hello, lean):
             wait_port(port)
         while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/ready"], capture_output=True).returncode != 0:
             time.sleep(0.1)
         nginx_worker = psutil.Process(nginx_proxy.pid).children()[0].pid
         targets = {"direct": (upstream, None), "nginx": (nginx_port, nginx_worker), "berth": (proxy_port, boot.pid)}
-        report = run(targets, args, sse, hello, prefix)
+        ceilings = {"aiohttp hello world (no proxying: the ceiling of aiohttp's server)": hello,
+                    "httptools server + berth's upstream pool (no handler chain)": lean}
+        report = run(targets, args, sse, ceilings, prefix)
     finally:
         for process in reversed(processes):
             process.send_signal(signal.SIGTERM)
@@ -258,7 +290,7 @@ def main() -> None:
     print(report)
 
 
-def run(targets: dict, args, sse_port: int, hello_port: int, prefix: Path) -> str:
+def run(targets: dict, args, sse_port: int, ceilings: dict[str, int], prefix: Path) -> str:
     lines = [f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, load average "
              f"{os.getloadavg()[0]:.1f} at the start; python {sys.version.split()[0]}; nginx 1 worker; "
              f"{args.seconds:g} s per run, {args.rounds} rounds"]
@@ -287,7 +319,7 @@ def run(targets: dict, args, sse_port: int, hello_port: int, prefix: Path) -> st
     lines.append("| target | max req/s (h2load, 64 conns) | vs nginx |")
     lines.append("|---|---|---|")
     maxima = {name: h2load_max(port, args.seconds) for name, (port, _) in targets.items()}
-    maxima["aiohttp hello world (no proxying: the ceiling)"] = h2load_max(hello_port, args.seconds)
+    maxima.update({name: h2load_max(port, args.seconds) for name, port in ceilings.items()})
     for name, value in maxima.items():
         lines.append(f"| {name} | {value:.0f} | {value / maxima['nginx']:.0%} |")
     lines.append("")
