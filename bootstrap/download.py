@@ -26,8 +26,9 @@ from bootstrap.units import MIB, parse_quantity
 log = logging.getLogger("berth.prepare")
 
 # Chosen by bench/cache_fill.py (docs/benchmarks.md, "Weight cache"): 64 MiB parts (as AIBrix;
-# s5cmd uses 50 MiB) and 32 requests in flight: 16 starves many small files, 64 slows the large
-# one. Parts stream to disk, so their size costs no memory, only requests per file.
+# s5cmd uses 50 MiB) and 32 requests in flight: 16 starved many small files; on the 2-core
+# bench machine 4 to 32 in flight tie on one large file (CPU-bound), and a real endpoint's
+# per-connection cap rewards more. Parts stream to disk: their size costs requests, not memory.
 DEFAULT_PART_SIZE = 64 * MIB
 DEFAULT_CONCURRENCY = 32
 # aiohttp's default buffer per response (64 KiB, reading paused above 128 KiB) stops and
