@@ -103,7 +103,8 @@ class Lean(asyncio.Protocol):
         upstream.release()
         head = [b"HTTP/1.1 %d %s\\r\\n" % (upstream.status, upstream.reason.encode())]
         head += [b"%s: %s\\r\\n" % pair for pair in upstream.headers if pair[0].lower() not in (b"connection", b"content-length")]
-        self.transport.write(b"".join(head) + b"Content-Length: %d\\r\\n\\r\\n" % len(body) + body)
+        if not self.transport.is_closing():  # h2load closes its connections mid-request at the end
+            self.transport.write(b"".join(head) + b"Content-Length: %d\\r\\n\\r\\n" % len(body) + body)
 async def main():
     pool = UpstreamPool("127.0.0.1", int(sys.argv[2]), idle_timeout=4)
     await asyncio.get_running_loop().create_server(lambda: Lean(pool), "127.0.0.1", int(sys.argv[1]))
