@@ -22,6 +22,13 @@ apt_install() {
   say "Debian packages installed in $((SECONDS - started)) s"
 }
 
+# pip, quiet: some machines' pip configuration names local indexes that do not exist, and pip
+# warns about each once per package; those lines say nothing about berth.
+pip_quiet() {
+  "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 # $1: pip extras, e.g. "agent,test"
 make_venv() {
   local extras="$1" started=$SECONDS
@@ -32,8 +39,8 @@ make_venv() {
   fi
   if [ ! -f "$stamp" ]; then
     say "installing berth[$extras] into $VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"
+    pip_quiet "$VENV/bin/python" -m pip install -q --upgrade pip
+    pip_quiet "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"
     rm -f "$VENV"/.berth-installed-*
     touch "$stamp"
     say "berth installed in $((SECONDS - started)) s"
