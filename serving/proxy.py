@@ -147,13 +147,15 @@ class Limits:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         limit = self.config.max_body
-        if request.content_length is not None and request.content_length > limit:
-            return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
-        if request.body_exists:
-            body = await _read_body(request, limit)
+        too_large = request.content_length is not None and request.content_length > limit
+        if not too_large and request.body_exists:
+            body = await _read_body(request, limit)  # chunked bodies have no length to check first
             if body is None:
-                return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
-            request[BODY] = body
+                too_large = True
+            else:
+                request[BODY] = body
+        if too_large:
+            return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
         if self._slots is None:
             return await self.next(request)
         if self._slots.locked() and self.state.queued >= self.config.queue_limit:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.logs import log_files
-from tests.test_agent_docker import Agent, service_spec, unique, wait_state
+from tests.harness.agent import Agent, service_spec, unique, wait_state
 
 pytestmark = pytest.mark.docker
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.harness.parts import unavailable, wait_until
 from tests.harness.registry import AuthRegistry
-from tests.test_agent_docker import TIMINGS, Agent, service_spec, unique, wait_state
+from tests.harness.agent import TIMINGS, Agent, service_spec, unique, wait_state
 
 pytestmark = pytest.mark.docker
 

@@ -8,7 +8,7 @@ import psutil
 import requests
 
 from tests.harness.parts import free_port
-from tests.test_agent_docker import Agent, unique, wait_state
+from tests.harness.agent import Agent, unique, wait_state
 
 
 def test_process_runtime_runs_readopts_and_stops(tmp_path):

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.harness.load import SteadyLoad
-from tests.test_agent_docker import Agent, unique
+from tests.harness.agent import Agent, unique
 
 pytestmark = pytest.mark.docker
 

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.harness.parts import free_port
-from tests.test_agent_docker import Agent
+from tests.harness.agent import Agent
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

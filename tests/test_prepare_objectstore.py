@@ -23,7 +23,7 @@ from bootstrap.prepare import PrepareError
 from bootstrap.progress import Progress
 from bootstrap.spec import OssStore
 from tests.harness.parts import free_port, port_open, unavailable, wait_until
-from tests.prepare_support import BIG_SIZE, FAST, assert_tree, endpoint_env, model_tree, object_spec, run_prepare
+from tests.prepare_support import BIG_SIZE, assert_tree, endpoint_env, model_tree, object_spec, run_prepare
 
 BIG = "weights/model-00001.safetensors"
 
