@@ -105,6 +105,8 @@ def scrape(admin: str, timeout: float = 1.0) -> dict[str, float]:
             key = SERIES.get(sample.name)
             if key is not None:
                 found[key] = found.get(key, 0.0) + sample.value
+    if "inflight" in found:  # berth's proxy: no request counted yet is 0, not unknown
+        found.setdefault("requests", 0.0)
     return found
 
 

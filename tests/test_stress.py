@@ -1,0 +1,221 @@
+"""`berth stress` against real services: a test app of known capacity (50 ms a request, 4 at a
+time, the rest queued: 80 req/s), run as a URL and as a service of a real agent (process
+runtime); the HTML report opened in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.stress.generator import Generator, Load, Request, percentile
+from bootstrap.spec import parse_spec
+from tests.harness.agent import Agent, unique
+from tests.harness.parts import free_port, port_open, unavailable, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+BERTH = [sys.executable, "-m", "bootstrap.cli"]
+pytestmark = pytest.mark.slow
+
+
+def start_app(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.apps.capacity", "--port", str(port), *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL)
+    wait_until(lambda: port_open("127.0.0.1", port), 20, "the capacity app listening")
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def capacity_app():
+    process, url = start_app("--service-ms", "50", "--concurrency", "4")
+    yield url
+    process.kill()
+    process.wait()
+
+
+def stress(*args: str, timeout: float = 400, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*BERTH, "stress", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env}, cwd=REPO)
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def assert_valid_autoscaler(strategy: dict) -> None:
+    """The strategy as the autoscaler block of an EAS service config, through berth's one spec model."""
+    spec = {"metadata": {"name": "svc", "instance": 1}, "containers": [{"image": "img", "command": "serve", "port": 8000}],
+            "autoscaler": {"min": 1, "max": 4, "scaleStrategies": [strategy]}}
+    parse_spec(spec)  # raises SpecError on an invalid autoscaler
+    assert strategy["metricName"] == "concurrency" and isinstance(strategy["threshold"], (int, float)) and strategy["threshold"] > 0
+
+
+def test_find_reports_the_known_capacity(capacity_app: str, tmp_path: Path):
+    result = stress(capacity_app, "--mode", "find", "--slo", "p99<=500ms", "--step", "3", "--precision", "0.1",
+                    "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = report_of(tmp_path)
+    found = report["saturation"]
+    assert 64 <= found["rate"] <= 96, (found, result.stdout)
+    assert found["limit"] == "p99" and found["first_failing_rate"] > found["rate"]
+    assert found["per_instance"] is None and report["target"]["kind"] == "url"
+    # Every verdict stands on two agreeing trials: each value probed at least twice.
+    probed = [step["value"] for step in report["steps"] if step["kind"] == "rate"]
+    assert all(probed.count(value) >= 2 for value in probed)
+    assert "p99 crossed 500 ms at" in result.stdout and "no per-instance figure" in result.stdout
+    line = next(l for l in result.stdout.splitlines() if l.startswith("autoscaler"))
+    strategy = json.loads(line[line.index("{"):])
+    assert strategy == report["autoscaler"]["strategy"]
+    assert strategy["threshold"] == pytest.approx(0.7 * found["concurrency"], abs=0.051)
+    assert_valid_autoscaler(strategy)
+
+
+@pytest.fixture(scope="module")
+def scan_report(capacity_app: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("scan")
+    result = stress(capacity_app, "--slo", "p99<=500ms", "--step", "2.5", "--start-rate", "20", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
+
+
+def test_scan_stops_after_the_breach(scan_report):
+    out, result = scan_report
+    report = report_of(out)
+    steps = report["steps"]
+    assert [step["kind"] for step in steps] == ["rate"] * len(steps)  # --start-rate given: no calibration step
+    rates = [step["value"] for step in steps]
+    assert rates == pytest.approx([20 * 1.5 ** i for i in range(len(steps))])
+    assert all(step["slo"]["passed"] for step in steps[:-1]) and not steps[-1]["slo"]["passed"]
+    assert report["saturation"]["step"] == len(steps) - 2 and report["saturation"]["limit"] == "p99"
+    assert 40 <= report["saturation"]["rate"] <= 96
+    assert {"latency_ms", "achieved_rate", "offered_rate", "concurrency", "statuses", "generator"} <= set(steps[0])
+    assert report["requests"] and report["timeline"]
+    for chart in ("latency_vs_rate", "throughput_vs_concurrency", "knee", "errors", "timeline"):
+        assert (out / f"{chart}.png").stat().st_size > 5000, chart
+
+
+def test_html_report_renders_offline_in_headless_chromium(scan_report, tmp_path: Path):
+    from PIL import Image
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        unavailable("chromium", "apt-get install chromium (scripts/test installs it)")
+    out, _ = scan_report
+    page = (out / "report.html").read_text()
+    assert not re.search(r"<script[^>]+src\s*=\s*[\"']?https?://", page, re.I)
+    assert not re.search(r"<link[^>]+href\s*=\s*[\"']?https?://", page, re.I)
+    assert not re.search(r"(src|href)\s*=\s*[\"']?https?:|url\(\s*[\"']?https?:|@import", page, re.I), "the page loads from the network"
+    assert page.count("data:image/png;base64,") == 5
+
+    def screenshot(html: Path) -> Image.Image:
+        shot = tmp_path / f"{html.stem}.png"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / ('profile-' + html.stem)}",
+                        "--window-size=1400,3000", f"--screenshot={shot}", html.as_uri()],
+                       capture_output=True, timeout=120, check=True)
+        return Image.open(shot).convert("RGB")
+
+    def chart_pixels(image: Image.Image) -> int:
+        # matplotlib's first two line colours (tab:blue, tab:orange): only a drawn chart has them.
+        colours = image.getcolors(maxcolors=1 << 24)
+        return sum(count for count, (r, g, b) in colours
+                   if (abs(r - 31) < 30 and abs(g - 119) < 30 and abs(b - 180) < 30) or (abs(r - 255) < 20 and abs(g - 127) < 30 and b < 60))
+
+    with_charts = screenshot(out / "report.html")
+    blank = tmp_path / "nocharts.html"
+    blank.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', page))
+    assert chart_pixels(with_charts) > 3000, "the charts did not render"
+    assert chart_pixels(screenshot(blank)) < 100  # the same page without its images has none of them
+
+
+def test_duration_bounds_every_mode_and_ctrl_c_writes_the_report(tmp_path: Path):
+    fast, url = start_app("--service-ms", "1", "--concurrency", "100")
+    try:
+        started = time.monotonic()
+        bounded = stress(url, "--start-rate", "20", "--step", "2", "--duration", "7", "--out", str(tmp_path / "bounded"))
+        assert bounded.returncode == 0, bounded.stdout + bounded.stderr
+        assert time.monotonic() - started < 25
+        report = report_of(tmp_path / "bounded")
+        assert report["saturation"]["limit"] == "duration" and 2 <= len(report["steps"]) <= 4
+
+        out = tmp_path / "interrupted"
+        process = subprocess.Popen([*BERTH, "stress", url, "--mode", "rate", "--rate", "50,50,50", "--step", "20", "--out", str(out)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        time.sleep(4)
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        report = report_of(out)
+        assert report["interrupted"] and len(report["steps"]) == 1 and report["steps"][0]["interrupted"]
+        assert 50 <= report["steps"][0]["requests"] <= 400
+        assert "interrupted: writing the report" in output
+    finally:
+        fast.kill()
+        fast.wait()
+
+
+def test_bad_options_name_what_to_fix(capacity_app: str):
+    for args, expected in (
+        (["--slo", "p98<=1s"], "--slo 'p98<=1s': unknown limit 'p98'"),
+        (["--slo", "ttft_p99<=1s"], "token timings need --openai"),
+        (["--slo", "p99<500"], "write NAME<=VALUE with a unit"),
+        (["--mode", "rate"], "--mode rate needs --rate"),
+        (["--data", "/nonexistent.jsonl"], "--data: warmup file /nonexistent.jsonl"),
+    ):
+        result = stress(capacity_app, *args)
+        assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
+    missing = stress("no-such-service", "--agent", f"http://127.0.0.1:{free_port()}")
+    assert missing.returncode == 1 and "cannot reach the agent" in missing.stderr
+
+
+def test_open_loop_counts_from_the_scheduled_send_and_closed_loop_does_not(capacity_app: str):
+    """At 120 req/s against 80 req/s of capacity the queue grows; the open loop shows it, the
+    closed loop (4 senders) sees only the service time."""
+    with Generator([Request("/")], capacity_app, workers=2) as generator:
+        over = generator.run(Load(rate=120, seconds=3))
+        closed = generator.run(Load(concurrency=4, seconds=3))
+    assert {r.worker for r in over.results} == {0, 1}
+    assert percentile(over.latencies(), 0.99) > 0.5
+    assert percentile(closed.latencies(), 0.99) < 0.2
+    assert 300 <= len(over.results) <= 420 and over.errors == 0
+    assert over.cpu_s > 0 and over.generator_limit() is None
+
+
+def test_a_service_target_reads_its_instances(tmp_path: Path):
+    agent = Agent(tmp_path, runtime="process").start()
+    name = unique("stress")
+    port = free_port()
+    spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 10}},
+            "containers": [{"image": "ignored", "port": port, "env": [{"name": "PYTHONPATH", "value": str(REPO)}],
+                            "command": f"{sys.executable} -m tests.apps.capacity --port {port} --service-ms 50 --concurrency 4"}]}
+    try:
+        deployed = agent.deploy(spec, "--wait")
+        assert deployed.returncode == 0, deployed.stderr
+        out = tmp_path / "out"
+        result = agent.cli("stress", name, "--mode", "rate", "--rate", "20,40", "--step", "3", "--out", str(out))
+        assert result.returncode == 0, result.stdout + result.stderr
+        report = report_of(out)
+        assert report["target"]["kind"] == "service"
+        assert report["service_samples"] and all(s["ready"] == 1 for s in report["service_samples"])
+        # The proxy's in-flight and request counts were read from the instance's admin /metrics.
+        counted = [i["requests"] for s in report["service_samples"] for i in s["instances"].values()]
+        assert counted[-1] - counted[0] >= 60
+        last = report["steps"][-1]
+        assert last["service"]["instances_ready_avg"] == 1
+        assert last["service"]["per_instance"]["rate"] == pytest.approx(last["achieved_rate"], rel=0.01)
+        found = report["saturation"]
+        assert found["per_instance"]["concurrency"] == pytest.approx(found["concurrency"], rel=0.01)
+        assert "per instance" in result.stdout and report["autoscaler"]["basis"].startswith("per Ready instance")
+        assert_valid_autoscaler(report["autoscaler"]["strategy"])
+    finally:
+        agent.cli("rm", name)
+        agent.stop()
