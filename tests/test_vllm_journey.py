@@ -16,7 +16,10 @@ a second instance on the same node cache and checks it reused the compiled kerne
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -92,6 +95,45 @@ def test_warmup_profile_ran_before_ready_and_vllm_metrics_are_reexported(vllm_se
 
 def test_compile_cache_lands_in_the_node_cache(vllm_service: Service, node: Node):
     assert any(path.suffix == ".so" for path in compiled_files(node)), f"no compiled kernels under {node.cache}/{COMPILED}"
+
+
+def _histogram_means(admin: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of vLLM's time-to-first-token and inter-token histograms on the admin /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(requests.get(admin + "/metrics", timeout=5).text):
+        for sample in family.samples:
+            for name in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"):
+                for part, index in (("_sum", 0), ("_count", 1)):
+                    if sample.name == name + part:
+                        found.setdefault(name, [0.0, 0.0])[index] += sample.value
+    return {name: (total, count) for name, (total, count) in found.items()}
+
+
+def test_stress_openai_timings_match_vllms_own_histograms(vllm_service: Service, tmp_path: Path):
+    """`berth stress --openai`: mean TTFT and mean inter-token latency as the client measured them,
+    within 25% of the means of vLLM's own histograms over the same run (sum and count deltas)."""
+    before = _histogram_means(vllm_service.admin)
+    result = subprocess.run(
+        [sys.executable, "-m", "bootstrap.cli", "stress", vllm_service.proxy, "--openai", "--input-tokens", "64",
+         "--output-tokens", "32", "--mode", "concurrency", "--concurrency", "2", "--step", "20", "--slo", "ttft_p99<=60s",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = _histogram_means(vllm_service.admin)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "exactly 64 tokens by the server's /tokenize" in report["llm"]["prompt_sizing"]
+    (step,) = report["steps"]
+    assert step["errors"] == 0 and step["ok"] >= 5
+    assert step["llm"]["prompt_tokens_mean"] == 64 and step["llm"]["output_tokens"] == 32 * step["ok"]
+    itl_name = "vllm:inter_token_latency_seconds" if "vllm:inter_token_latency_seconds" in after else "vllm:time_per_output_token_seconds"
+    for ours, name in ((step["llm"]["ttft_ms"]["mean"], "vllm:time_to_first_token_seconds"), (step["llm"]["itl_ms"]["mean"], itl_name)):
+        total, count = (a - b for a, b in zip(after[name], before.get(name, (0.0, 0.0))))
+        theirs = 1000 * total / count
+        log.info("%s: berth stress %.2f ms, vLLM %.2f ms over %d observations", name, ours, theirs, count)
+        assert abs(ours - theirs) <= 0.25 * theirs, f"{name}: berth stress {ours:.2f} ms, vLLM's histogram {theirs:.2f} ms"
 
 
 def test_sigterm_during_a_stream_lets_the_stream_finish(vllm_service: Service, client):

@@ -32,7 +32,10 @@ def main(args: argparse.Namespace) -> int:
     load_from = _workload(args, target, headers)
     requests = [replace(r, headers=tuple({**dict(r.headers), **headers}.items())) for r in load_from.requests]
 
-    from agent.stress.console import Screen
+    try:
+        from agent.stress.console import Screen
+    except ImportError as exc:
+        raise UsageError(f"berth stress needs rich and matplotlib ({exc}): pip install 'berth[stress]'") from None
 
     screen = Screen()
     # The generator's loop thread shares the GIL with this one (progress display, sampler): a
