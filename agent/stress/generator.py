@@ -216,9 +216,10 @@ class _Connection(asyncio.Protocol):
 class _Exchange:
     """One request/response on a connection, with its timings (perf_counter)."""
 
-    def __init__(self, future: asyncio.Future, stream: bool) -> None:
+    def __init__(self, future: asyncio.Future, stream: bool, head_only: bool = False) -> None:
         self.future = future
         self.stream = stream
+        self.head_only = head_only
         self.now = 0.0
         self.received = False
         self.status = 0
@@ -236,6 +237,8 @@ class _Exchange:
         self._headers_done = True
         if not self.stream:
             self.first = self.now
+        if self.head_only:  # an answer to HEAD has no body, whatever its Content-Length says
+            self.complete(False)
 
     def body(self, data: bytes) -> None:
         if len(self.head) < 40:
@@ -327,15 +330,22 @@ class _Engine:
         self._turn = itertools.count()
         self._ssl: ssl.SSLContext | None = None
         self._stop: asyncio.Event | None = None
+        self._stop_pending = False
         self._slots: asyncio.Semaphore | None = None
 
     def stop(self) -> None:
-        if self._stop is not None:
+        """End the run in progress, or the next one at its start (a stop can beat the run's start)."""
+        if self._stop is not None and not self._stop.is_set():
             self._stop.set()
+        else:
+            self._stop_pending = True
 
     async def run(self, load: Load, start_at: float, results: list[Result]) -> tuple[float, float, bool]:
         """Send `load` from perf_counter time `start_at`; append to `results`. Returns (wall, cpu, stopped)."""
         self._stop = asyncio.Event()
+        if self._stop_pending:
+            self._stop.set()
+            self._stop_pending = False
         self._slots = asyncio.Semaphore(self.slots)
         refresher = asyncio.ensure_future(self._refresh())
         cpu_before = _cpu_time()
@@ -366,9 +376,7 @@ class _Engine:
             pass
 
     async def _open_loop(self, load: Load, start_at: float, end_at: float, pending: set, results: list[Result]) -> None:
-        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds. A timer may
-        # wake up to a millisecond late: every request due by then goes at once, its latency
-        # counted from its scheduled time.
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
         gaps = iter(load.gaps())
         due = start_at
         while due < end_at and not self._stop.is_set():
@@ -378,8 +386,11 @@ class _Engine:
                 pending.add(task)
                 task.add_done_callback(pending.discard)
                 due += next(gaps)
-            # A plain sleep (no task per tick, as wait_for would make), short enough to see stop().
-            await asyncio.sleep(min(0.05, max(0.0, min(due, end_at) - time.perf_counter())))
+            # At least a millisecond: the loop's timers tick in milliseconds, so a shorter sleep
+            # returns at once and the loop would spin a core. What is due meanwhile goes on
+            # waking, late by under a millisecond (its lag), its latency counted from its schedule.
+            # At most 50 ms, to see stop() soon.
+            await asyncio.sleep(min(0.05, max(0.001, min(due, end_at) - time.perf_counter())))
 
     async def _sender(self, start_at: float, end_at: float, results: list[Result]) -> None:
         while time.perf_counter() < end_at and not self._stop.is_set():
@@ -438,7 +449,7 @@ class _Engine:
             for attempt in range(2):
                 connection = await self._connection(target)
                 reused = connection.used
-                exchange = _Exchange(asyncio.get_running_loop().create_future(), request.stream)
+                exchange = _Exchange(asyncio.get_running_loop().create_future(), request.stream, request.method == "HEAD")
                 connection.exchange, connection.used = exchange, True
                 connection.transport.write(self._bytes(index, request, target))
                 try:
