@@ -229,6 +229,7 @@ class _Exchange:
         self.token_times: list[tuple[float, int]] = []  # (arrival, tokens) per stream chunk that carried tokens
         self.usage_tokens = 0
         self.prompt_tokens: int | None = None
+        self.stream_error: str | None = None
         self._sse = b""
         self._headers_done = False
 
@@ -260,6 +261,12 @@ class _Exchange:
             try:
                 chunk = json.loads(payload)
             except ValueError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            if chunk.get("error") or chunk.get("object") == "error":  # an error inside a 200 stream (vLLM's way)
+                error = chunk.get("error") or chunk
+                self.stream_error = str(error.get("message", error) if isinstance(error, dict) else error)[:200]
                 continue
             usage = chunk.get("usage") or {}
             if usage.get("prompt_tokens") is not None:
@@ -422,10 +429,10 @@ class _Engine:
             async with _deadline(left):
                 exchange = await self._exchange(index, request, target)
             result.status = exchange.status
-            result.ok = request.accepts(exchange.status)
+            result.ok = request.accepts(exchange.status) and exchange.stream_error is None
             result.head = exchange.head
             if not result.ok:
-                result.error = f"HTTP {exchange.status}"
+                result.error = f"stream error: {exchange.stream_error}" if exchange.stream_error else f"HTTP {exchange.status}"
             if exchange.first is not None:
                 result.ttft = exchange.first - due
             if request.stream:

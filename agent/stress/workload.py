@@ -21,6 +21,7 @@ from pathlib import Path
 from agent.stress.generator import Request
 from bootstrap.errors import CommandFailed, UsageError
 
+PADDING = (" a", " I", ".", ",", " 1", "a", "!")  # short pieces that top a prompt up, a token or so each
 PROMPTS = 16  # distinct prompts (no two share a prefix), so a prefix cache does not flatter the run
 SHAREGPT_SAMPLE = 256  # conversations drawn from a ShareGPT file
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
@@ -100,22 +101,38 @@ def _completion(model: str, prompt: str, output_tokens: int) -> Request:
 
 def _sized_prompt(server: _Server, model: str, tokens: int, rng: random.Random) -> tuple[str, int | None]:
     """A prompt of random words with exactly `tokens` tokens where the server can count them
-    (the closest it got otherwise), and that count (None: estimated, no /tokenize)."""
+    (the closest below otherwise), and that count (None: estimated, no /tokenize).
+
+    Every word is at least one token: the longest run of the first n words that fits is
+    found by bisection, then short pieces are added one at a time while they still fit."""
     words = [rng.choice(WORDS) for _ in range(tokens)]
-    best: tuple[int, list[str], int] | None = None
-    for _ in range(24):
-        count = server.count(model, " ".join(words))
-        if count is None:
-            return " ".join(words), None
-        if best is None or abs(count - tokens) < best[0]:
-            best = (abs(count - tokens), list(words), count)
-        if count == tokens:
+
+    def count(n: int) -> int | None:
+        return server.count(model, " ".join(words[:n]))
+
+    total = count(tokens)
+    if total is None:
+        return " ".join(words), None
+    low, high = (tokens, tokens) if total <= tokens else (0, tokens)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if count(middle) <= tokens:
+            low = middle
+        else:
+            high = middle
+    prompt = " ".join(words[:low])
+    size = server.count(model, prompt)
+    for _ in range(4 * (tokens - size) + 8):
+        if size >= tokens:
             break
-        if count < tokens:
-            words += [rng.choice(WORDS) for _ in range(max(1, (tokens - count) // 2))]
-        elif len(words) > 1:
-            del words[-max(1, (count - tokens) // 2):]
-    return " ".join(best[1]), best[2]
+        for piece in PADDING:
+            grown = server.count(model, prompt + piece)
+            if grown <= tokens:
+                prompt, size = prompt + piece, grown
+                break
+        else:
+            break
+    return prompt, size
 
 
 def openai(base: str, headers: dict[str, str], model: str | None, input_tokens: int, output_tokens: int) -> Workload:
