@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from agent.stress.generator import Generator, Load, Request, percentile
-from bootstrap.spec import parse_spec
+from bootstrap.spec import ScaleStrategy, parse_spec
 from tests.harness.agent import Agent, unique
 from tests.harness.parts import free_port, port_open, unavailable, wait_until
 
@@ -55,7 +56,11 @@ def assert_valid_autoscaler(strategy: dict) -> None:
     """The strategy as the autoscaler block of an EAS service config, through berth's one spec model."""
     spec = {"metadata": {"name": "svc", "instance": 1}, "containers": [{"image": "img", "command": "serve", "port": 8000}],
             "autoscaler": {"min": 1, "max": 4, "scaleStrategies": [strategy]}}
-    parse_spec(spec)  # raises SpecError on an invalid autoscaler
+    parsed = parse_spec(spec)  # raises SpecError on an invalid autoscaler
+    (read,) = parsed.spec.autoscaler.scale_strategies
+    assert (read.metric_name, read.threshold) == ("concurrency", strategy["threshold"])
+    with pytest.raises(ValidationError):  # the model does refuse what is not a strategy
+        ScaleStrategy.model_validate({**strategy, "threshold": 0})
     assert strategy["metricName"] == "concurrency" and isinstance(strategy["threshold"], (int, float)) and strategy["threshold"] > 0
 
 
