@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.stress.generator import Generator, Load, Request, percentile
+from agent.stress.generator import Generator, Load, Request, Result, Run, percentile
 from bootstrap.spec import ScaleStrategy, parse_spec
 from tests.harness.agent import Agent, unique
 from tests.harness.parts import free_port, port_open, unavailable, wait_until
@@ -192,7 +192,17 @@ def test_open_loop_counts_from_the_scheduled_send_and_closed_loop_does_not(capac
     assert percentile(over.latencies(), 0.99) > 0.5
     assert percentile(closed.latencies(), 0.99) < 0.2
     assert 300 <= len(over.results) <= 420 and over.errors == 0
-    assert over.cpu_s > 0 and over.generator_limit() is None
+    assert over.cpu_s > 0 and all(r.lag >= 0 for r in over.results)
+
+
+def test_the_generator_says_when_it_was_the_limit():
+    def run(cpu_s: float, lag: float) -> Run:
+        results = [Result(scheduled=i / 100, lag=lag if i % 10 == 0 else 0.0005, latency=0.01, status=200, ok=True) for i in range(100)]
+        return Run(Load(rate=100, seconds=1), results, wall_s=1.0, cpu_s=cpu_s, workers=1)
+
+    assert run(0.3, 0.001).generator_limit() is None
+    assert "CPU at 95% of 1 core" in run(0.95, 0.001).generator_limit()
+    assert "p99 send lag 50.0 ms" in run(0.3, 0.050).generator_limit()
 
 
 def test_a_service_target_reads_its_instances(tmp_path: Path):
