@@ -297,7 +297,7 @@ class _Exchange:
         self.fail("connection closed before the response")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: a dict key on every request
 class _Target:
     host: str
     port: int
@@ -329,7 +329,8 @@ class _Engine:
         self.refresh_s = refresh_s
         self.slots = max_connections
         self.progress = Progress()
-        self._targets: list[_Target] = [_Target.parse(url) for url in targets()]
+        self._parsed: dict[str, _Target] = {}  # one object per URL, for as long as it is a target
+        self._targets: list[_Target] = self._parse(targets())
         if not self._targets:
             raise ValueError("no target to send to")
         self._idle: dict[_Target, list[_Connection]] = {}
@@ -413,7 +414,11 @@ class _Engine:
             except Exception:  # noqa: BLE001 - keep the last list when the source is slow or down
                 continue
             if found:
-                self._targets = [_Target.parse(url) for url in found]
+                self._targets = self._parse(found)
+
+    def _parse(self, urls: list[str]) -> list[_Target]:
+        self._parsed = {url: self._parsed.get(url) or _Target.parse(url) for url in urls}
+        return list(self._parsed.values())
 
     async def _one(self, due: float, scheduled: float, lag: float, results: list[Result]) -> None:
         turn = next(self._turn)
