@@ -54,7 +54,7 @@ def generator_row(url: str, rate: float, seconds: float, workers: int) -> dict:
     return {"tool": f"berth generator ({workers} {'process' if workers > 1 else 'thread'}{'es' if workers > 1 else ''})",
             "sent": len(run.results), "ok": len(latencies), "wall": run.wall_s,
             "latencies": latencies, "from_send": [r.latency - r.lag for r in run.results if r.ok], "cpu": run.cpu_s,
-            "note": run.generator_limit() or ""}
+            "lag": [r.lag for r in run.results], "limited": run.generator_limit() is not None}
 
 
 def h2load_row(url: str, rate: float, seconds: float, prefix: Path) -> dict:
@@ -70,7 +70,7 @@ def h2load_row(url: str, rate: float, seconds: float, prefix: Path) -> dict:
     latencies = [int(duration) / 1e6 for _, status, duration in rows if status == "200"]
     return {"tool": f"h2load --rps ({H2LOAD_CLIENTS} clients, 1 thread)", "sent": len(rows), "ok": len(latencies),
             "wall": min(wall, seconds), "latencies": latencies, "from_send": latencies,
-            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), "note": ""}
+            "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), "lag": [], "limited": False}
 
 
 def main() -> None:
@@ -107,7 +107,9 @@ def main() -> None:
                 latencies = [value for r in runs for value in r["latencies"]]
                 p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
                 sent_p50 = percentile([value for r in runs for value in r["from_send"]], 0.5)
-                notes = "; ".join(sorted({r["note"] for r in runs if r["note"]}))
+                lags = [value for r in runs for value in r["lag"]]
+                notes = (f"send lag p99 {percentile(lags, 0.99) * 1000:.1f} ms" if lags else "h2load measures from its own send") + (
+                    "; generator-limited (its own verdict)" if any(r["limited"] for r in runs) else "")
                 print(f"| {rate:.0f} | {tool} | {achieved:.0f} | {achieved / rate:.1%} | {p50 * 1000:.2f} | {p99 * 1000:.2f} | "
                       f"{sent_p50 * 1000:.2f} | {cpu_ms:.0f} | {notes} |")
     finally:
