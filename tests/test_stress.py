@@ -178,6 +178,12 @@ def test_bad_options_name_what_to_fix(capacity_app: str):
     ):
         result = stress(capacity_app, *args)
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
+    for content, expected in (("not json", "not JSON"), ("[]", "no conversation with a prompt and a reply")):
+        bad = Path(os.environ.get("TMPDIR", "/tmp")) / f"sharegpt-{os.getpid()}.json"
+        bad.write_text(content)
+        result = stress(capacity_app, "--sharegpt", str(bad))
+        bad.unlink()
+        assert result.returncode == 2 and f"--sharegpt {bad}" in result.stderr and expected in result.stderr, result.stderr
     missing = stress("no-such-service", "--agent", f"http://127.0.0.1:{free_port()}")
     assert missing.returncode == 1 and "cannot reach the agent" in missing.stderr
 
@@ -234,3 +240,17 @@ def test_a_service_target_reads_its_instances(tmp_path: Path):
     finally:
         agent.cli("rm", name)
         agent.stop()
+
+
+def test_data_file_requests_and_expect_status(capacity_app: str, tmp_path: Path):
+    """--data lines go round-robin; a line's expect_status is its success criterion, so half the
+    requests fail here and the errors limit breaks."""
+    data = tmp_path / "requests.jsonl"
+    data.write_text('{"method": "POST", "path": "/predict", "body": {"x": 1}}\n'
+                    '{"path": "/other", "expect_status": 201, "repeat": 5, "concurrency": 3}\n')
+    result = stress(capacity_app, "--data", str(data), "--mode", "rate", "--rate", "20", "--step", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (step,) = report_of(tmp_path / "out")["steps"]
+    assert step["statuses"] == {"200": step["requests"]} and step["error_kinds"] == {"HTTP 200": step["errors"]}
+    assert abs(step["errors"] - step["requests"] / 2) <= 1
+    assert step["slo"]["broken"][0]["limit"] == "errors" and report_of(tmp_path / "out")["saturation"]["limit"] == "errors"
