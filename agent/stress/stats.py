@@ -28,7 +28,7 @@ def summarize(run: Run, kind: str, value: float, started_s: float, service: list
     statuses = Counter(str(r.status) for r in results if r.status)
     error_kinds = Counter(r.error for r in results if not r.ok and r.error)
     lags = [r.lag for r in results]
-    scheduled_span = run.load.seconds if run.load.seconds is not None else wall
+    scheduled_span = run.load.seconds if run.load.seconds is not None and not run.stopped else wall
     step = {
         "kind": kind, "value": value, "started_s": round(started_s, 3), "seconds": round(wall, 3),
         "offered_rate": round(len(results) / scheduled_span, 3) if run.load.rate is not None and scheduled_span else None,
