@@ -599,7 +599,10 @@ class Generator:
                 self._pipes.append(parent)
                 self._processes.append(process)
             for pipe in self._pipes:  # each worker says it is ready (or why not)
-                answer = pipe.recv()
+                try:
+                    answer = pipe.recv()
+                except EOFError:  # spawn re-imports the main module: a program read from stdin has none
+                    answer = "a worker process exited as it started (with --workers > 1, run from a file, not stdin)"
                 if answer != "ready":
                     self.close()
                     raise ValueError(answer)
