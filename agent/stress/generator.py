@@ -424,7 +424,6 @@ class _Engine:
         turn = next(self._turn)
         index = turn % len(self.requests)
         request = self.requests[index]
-        target = self._targets[turn % len(self._targets)]
         self.progress.sent += 1
         result = Result(scheduled, lag, 0.0, 0, False, worker=self.worker)
         try:
@@ -432,7 +431,7 @@ class _Engine:
             if left <= 0:
                 raise asyncio.TimeoutError
             async with _deadline(left):
-                exchange = await self._exchange(index, request, target)
+                exchange = await self._exchange(index, request, turn)
             result.status = exchange.status
             result.ok = request.accepts(exchange.status) and exchange.stream_error is None
             result.head = exchange.head
@@ -456,8 +455,11 @@ class _Engine:
         self.progress.errors += not result.ok
         results.append(result)
 
-    async def _exchange(self, index: int, request: Request, target: _Target) -> _Exchange:
+    async def _exchange(self, index: int, request: Request, turn: int) -> _Exchange:
         async with self._slots:
+            # Chosen once a slot is free: a request that waited must not go to an endpoint that
+            # has left the list meanwhile (an instance draining in a rollout).
+            target = self._targets[turn % len(self._targets)]
             for attempt in range(2):
                 connection = await self._connection(target)
                 reused = connection.used
