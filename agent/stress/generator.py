@@ -81,7 +81,7 @@ class Result:
 @dataclass(frozen=True)
 class Load:
     """One step of load. Open loop at `rate` requests/s, or closed loop with `concurrency`
-    senders. `burstiness`: the gamma shape of inter-arrival times (1: Poisson, as vLLM's bench;
+    senders (with a `rate` too: each sender paced to its share of it). `burstiness`: the gamma shape of inter-arrival times (1: Poisson, as vLLM's bench;
     below 1 burstier; `math.inf` evenly spaced, as h2load --rps). `seconds` None: until stopped."""
 
     rate: float | None = None
@@ -91,17 +91,23 @@ class Load:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if (self.rate is None) == (self.concurrency is None):
-            raise ValueError("a load has a rate (open loop) or a concurrency (closed loop), not both")
+        if self.rate is None and self.concurrency is None:
+            raise ValueError("a load has a rate (open loop), a concurrency (closed loop), or both (closed loop paced to the rate)")
         if self.rate is not None and self.rate <= 0 or self.concurrency is not None and self.concurrency < 1:
             raise ValueError("rate must be > 0 and concurrency >= 1")
 
+    @property
+    def open(self) -> bool:
+        return self.concurrency is None
+
     def share(self, worker: int, workers: int) -> "Load | None":
-        """This worker's part: an even split of the rate, or of the senders (None: nothing to do)."""
-        if self.rate is not None:
-            return Load(rate=self.rate / workers, seconds=self.seconds, burstiness=self.burstiness, seed=self.seed * 1000 + worker)
+        """This worker's part: an even split of the rate and of the senders (None: nothing to do)."""
+        rate = self.rate / workers if self.rate is not None else None
+        if self.open:
+            return Load(rate=rate, seconds=self.seconds, burstiness=self.burstiness, seed=self.seed * 1000 + worker)
         count = self.concurrency // workers + (1 if worker < self.concurrency % workers else 0)
-        return Load(concurrency=count, seconds=self.seconds, seed=self.seed * 1000 + worker) if count else None
+        rate = rate * count / (self.concurrency / workers) if rate is not None else None
+        return Load(rate=rate, concurrency=count, seconds=self.seconds, seed=self.seed * 1000 + worker) if count else None
 
     def gaps(self) -> Iterable[float]:
         """Seconds between arrivals."""
@@ -360,10 +366,11 @@ class _Engine:
         await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         end_at = start_at + load.seconds if load.seconds is not None else math.inf
         pending: set[asyncio.Task] = set()
-        if load.rate is not None:
+        if load.open:
             await self._open_loop(load, start_at, end_at, pending, results)
         else:
-            senders = [asyncio.ensure_future(self._sender(start_at, end_at, results)) for _ in range(load.concurrency)]
+            interval = load.concurrency / load.rate if load.rate is not None else 0.0
+            senders = [asyncio.ensure_future(self._sender(start_at, end_at, interval, results)) for _ in range(load.concurrency)]
             await self._until(end_at)
             await asyncio.gather(*senders, return_exceptions=True)
         stopped = self._stop.is_set()
@@ -400,10 +407,16 @@ class _Engine:
             # At most 50 ms, to see stop() soon.
             await asyncio.sleep(min(0.05, max(0.001, min(due, end_at) - time.perf_counter())))
 
-    async def _sender(self, start_at: float, end_at: float, results: list[Result]) -> None:
+    async def _sender(self, start_at: float, end_at: float, interval: float, results: list[Result]) -> None:
+        """One closed-loop sender: the next request when the last is answered, and with an
+        `interval`, no sooner than that after the last one's turn (the suite's paced client)."""
+        next_at = time.perf_counter()
         while time.perf_counter() < end_at and not self._stop.is_set():
             now = time.perf_counter()
             await self._one(now, now - start_at, 0.0, results)
+            if interval:
+                next_at = max(next_at + interval, time.perf_counter() - interval)
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
 
     async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()

@@ -31,7 +31,7 @@ def summarize(run: Run, kind: str, value: float, started_s: float, service: list
     scheduled_span = run.load.seconds if run.load.seconds is not None and not run.stopped else wall
     step = {
         "kind": kind, "value": value, "started_s": round(started_s, 3), "seconds": round(wall, 3),
-        "offered_rate": round(len(results) / scheduled_span, 3) if run.load.rate is not None and scheduled_span else None,
+        "offered_rate": round(len(results) / scheduled_span, 3) if run.load.open and scheduled_span else None,
         "achieved_rate": round(len(answered) / wall, 3), "concurrency": round(concurrency, 3),
         "requests": len(results), "ok": len(answered), "errors": len(results) - len(answered),
         "error_rate": round((len(results) - len(answered)) / len(results), 6) if results else 0.0,
