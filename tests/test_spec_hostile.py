@@ -62,7 +62,7 @@ def test_nan_and_infinities_are_refused_by_name(where, literal, expected):
     ({"metadata.eas": {"termination_grace_period": 10**12}},
      "metadata.eas.termination_grace_period: Input should be less than or equal to 86400"),
     ({"metadata.cpu": 1e300}, "metadata.cpu: Input should be less than or equal to 1024"),
-    ({"metadata.instance": 10**9}, "metadata.instance: Input should be less than or equal to 256"),
+    ({"metadata.instance": 10**9}, "metadata.instance: Input should be less than or equal to 1000"),
     ({"metadata.gpu": 4096}, "metadata.gpu: Input should be less than or equal to 64"),
     ({"containers.0.readiness_check": {"tcp_socket": {}, "period_seconds": 1e15}},
      "containers[0].readiness_check.period_seconds: Input should be less than or equal to 86400"),
