@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -183,13 +184,21 @@ def serve(config) -> int:
     log.info("listening on %s%s; state in %s; token in %s", config.listen, " (TLS)" if tls else "", config.state_dir,
              config.token_path)
     server = uvicorn.Server(server_config)
-    if config.listen.startswith("unix:"):
-        with _unix_socket(Path(config.listen[5:])) as sock:
-            server.run(sockets=[sock])
-    else:
-        server.run()
-    runtime.close()
+    # uvicorn shuts down on SIGTERM, then raises it again: exit through Python, so cleanup (the socket) runs.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        if config.listen.startswith("unix:"):
+            with _unix_socket(Path(config.listen[5:])) as sock:
+                server.run(sockets=[sock])
+        else:
+            server.run()
+    finally:
+        runtime.close()
     return 0 if server.started else EXIT_FAILED
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @contextmanager

@@ -127,7 +127,8 @@ class ProcessRuntime:
                 handle.write(content)
 
     def _environment(self, request: LaunchRequest, bin_dir: Path) -> dict[str, str]:
-        env = {key: os.environ[key] for key in ("HOME", "LANG", "TZ", "SSL_CERT_FILE") if key in os.environ}
+        # PYTHONPATH: the instance runs the same berth as the agent (a checkout on PYTHONPATH included).
+        env = {key: os.environ[key] for key in ("HOME", "LANG", "TZ", "SSL_CERT_FILE", "PYTHONPATH") if key in os.environ}
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
         env.update(request.env)
         env["BERTH_ADMIN_PORT"] = str(request.admin_port)
