@@ -100,8 +100,10 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
             "re-adoption of running instances after its own restart.\n\n"
             "Settings come from --config FILE (JSON; every timing lives there under \"timings\"), then\n"
             "BERTH_* variables (BERTH_LISTEN, BERTH_STATE_DIR, BERTH_CACHE_DIR, BERTH_RUNTIME, BERTH_NETWORK,\n"
-            "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY, BERTH_GPU_INVENTORY_FILE; BERTH_ALLOW_HOST_PATHS and BERTH_READ_ONLY_MOUNTS\n"
-            "comma-separated), then these flags."
+            "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY, BERTH_GPU_INVENTORY_FILE, BERTH_INSECURE_LISTEN, BERTH_TLS_CERT,\n"
+            "BERTH_TLS_KEY, BERTH_MAX_SPEC_BYTES; BERTH_ALLOW_HOST_PATHS, BERTH_READ_ONLY_MOUNTS and\n"
+            "BERTH_PROCESS_MOUNT_ROOTS comma-separated), then these flags. docs/security.md lists what the\n"
+            "token, a spec and the operator can reach."
         ),
     )
     agent.add_argument("--config", type=Path, metavar="FILE", default=os.environ.get("BERTH_CONFIG"),

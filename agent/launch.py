@@ -31,25 +31,36 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 
 def confined_path(path: str, roots: Iterable[str]) -> str | None:
-    """`path` resolved on the host, or None when it, or any component on the way, leaves every allowed root.
+    """`path` resolved on the host, or None when it, or any link on the way, leaves every allowed root.
 
     Strings alone are not enough: a symlink inside an allowed root that points at /etc passed a
-    string comparison. Each component is resolved, so a link that leaves the root and comes
-    back is refused too (what it points at can change after the check).
+    string comparison. Links are followed one at a time, so one that leaves the root and comes
+    back is refused too (what it points at outside can change after the check).
     """
     for root in roots:
-        real_root = os.path.realpath(root)
-        if not _under(path, [root]):
-            continue
-        relative = posixpath.relpath(posixpath.normpath(path), posixpath.normpath(root))
-        current = real_root
-        for part in ([] if relative == "." else relative.split("/")):
-            current = os.path.realpath(os.path.join(current, part))
-            if not _under(current, [real_root]):
-                break
-        else:
-            return current
+        if _under(path, [root]):
+            real_root = os.path.realpath(root)
+            resolved = _resolve_within(real_root, posixpath.relpath(posixpath.normpath(path), posixpath.normpath(root)))
+            if resolved is not None:
+                return resolved
     return None
+
+
+def _resolve_within(root: str, relative: str, max_links: int = 40) -> str | None:
+    current, pending = root, [part for part in relative.split("/") if part not in ("", ".")]
+    while pending:
+        candidate = posixpath.normpath(posixpath.join(current, pending.pop(0)))  # `current` holds no link: '..' is lexical
+        if not _under(candidate, [root]):
+            return None
+        if not os.path.islink(candidate):
+            current = candidate
+            continue
+        max_links -= 1
+        target = posixpath.normpath(posixpath.join(current, os.readlink(candidate)))
+        if max_links < 0 or not _under(target, [root]):
+            return None
+        current, pending = root, [part for part in posixpath.relpath(target, root).split("/") if part != "."] + pending
+    return current
 
 
 def refused_ports(config: AgentConfig) -> dict[int, str]:
