@@ -123,7 +123,8 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
                        help="docker, process, or auto: docker when an engine answers (default auto)")
     agent.add_argument("--network", choices=["bridge", "host"], help="instances' network (default bridge)")
     agent.add_argument("--host-ip", metavar="ADDR", help="address instances' ports are published on (default 127.0.0.1)")
-    agent.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for every instance")
+    agent.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for every instance; "
+                       "wins over a spec's variable of the same name (env_for in --config scopes one to a service)")
     agent.add_argument("--allow-host-path", action="append", default=[], metavar="DIR",
                        help="allow `local` storage under DIR (or `nfs` under SERVER:/EXPORT); none by default")
     agent.set_defaults(handler=run_agent)
