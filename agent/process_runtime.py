@@ -28,7 +28,7 @@ import psutil
 
 from agent.config import AgentConfig
 from agent.launch import service_root
-from agent.runtime import ExitInfo, Handle, LaunchError, LaunchRequest
+from agent.runtime import LABEL_SERVICE, ExitInfo, Handle, LaunchError, LaunchRequest
 
 log = logging.getLogger("berth.agent.process")
 
@@ -229,7 +229,10 @@ class ProcessRuntime:
         record = self._read(instance_id)
         if record is not None:
             self.stop(instance_id, 0)
-            self._undo_storage(record)
+            # The directory is the service's: a stray's removal must not pull it from under a live instance.
+            if not any(other.id != instance_id and other.running and other.service == record["labels"].get(LABEL_SERVICE)
+                       for other in self.list()):
+                self._undo_storage(record)
             shutil.rmtree(self._config.state_dir / "secrets" / instance_id, ignore_errors=True)
             for path in (self._record_path(instance_id), Path(record["status"])):
                 path.unlink(missing_ok=True)
