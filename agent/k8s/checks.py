@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterator
 
-from agent.k8s.model import Manifest
+from agent.k8s.model import Manifest, is_zero
 from bootstrap import units
 
 MIN_SECRET_LENGTH = 4  # shorter values ("1", "on") occur everywhere by chance
@@ -63,13 +63,9 @@ def rollout_can_progress(manifests: list[Manifest]) -> list[str]:
         if manifest.kind != "Deployment":
             continue
         rolling = manifest.obj["spec"].get("strategy", {}).get("rollingUpdate", {})
-        if _is_zero(rolling.get("maxSurge", "25%")) and _is_zero(rolling.get("maxUnavailable", "25%")):
+        if is_zero(rolling.get("maxSurge", "25%")) and is_zero(rolling.get("maxUnavailable", "25%")):
             problems.append(f"{_where(manifest)}: maxSurge and maxUnavailable are both 0, so a rollout can never start")
     return problems
-
-
-def _is_zero(value: int | str) -> bool:
-    return value == 0 or (isinstance(value, str) and float(value.rstrip("%")) == 0)
 
 
 def gpus_whole_in_limits(manifests: list[Manifest]) -> list[str]:

@@ -73,3 +73,8 @@ def quantity_mib(size_bytes: int) -> str:
 def object_name(name: str) -> str:
     """A berth name as a Kubernetes object name (DNS-1123: no '_'). URLs and the cache keep the berth name."""
     return name.replace("_", "-")
+
+
+def is_zero(value: int | str) -> bool:
+    """A count or percentage (maxSurge, maxUnavailable) that allows nothing: 0 or '0%'."""
+    return value == 0 or (isinstance(value, str) and float(value.rstrip("%")) == 0)

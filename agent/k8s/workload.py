@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from agent.k8s.model import Manifest, Options, Warnings, labels, metadata, object_name, quantity_mib
+from agent.k8s.model import Manifest, Options, Warnings, is_zero, labels, metadata, object_name, quantity_mib
 from agent.k8s.secrets import PodSecrets
 from agent.k8s.storage import PodStorage
 from bootstrap.boot_cli import DEFAULT_STARTUP_TIMEOUT_S
@@ -85,7 +85,7 @@ def deployment(spec: ServiceSpec, storage: PodStorage, secrets: PodSecrets, opti
         pod["imagePullSecrets"] = secrets.image_pull_secrets
     strategy = meta.rolling_strategy
     surge: int | str = strategy.max_surge
-    if units_zero(surge):
+    if is_zero(surge):
         surge = 1  # EAS starts at least one new instance beside the old ones
     body: dict[str, Any] = {
         "selector": {"matchLabels": labels(object_name(spec.name))},
@@ -99,10 +99,6 @@ def deployment(spec: ServiceSpec, storage: PodStorage, secrets: PodSecrets, opti
         body["replicas"] = meta.instance
     return Manifest({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(object_name(spec.name), options, object_name(spec.name)),
                      "spec": body})
-
-
-def units_zero(value: int | str) -> bool:
-    return value == 0 or (isinstance(value, str) and float(value.rstrip("%")) == 0)
 
 
 def _scrape_annotations(spec: ServiceSpec) -> dict[str, str]:
