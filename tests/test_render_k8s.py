@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -418,3 +419,47 @@ def test_a_bad_spec_raises_spec_error_in_process(tmp_path):
     with pytest.raises(SpecError) as caught:
         render_files([write(tmp_path, "x.json", {"metadata": {"name": "Bad"}, "containers": [{"image": "i:1"}]})], [], Options())
     assert caught.value.issues[0].path == "metadata.name"
+
+
+def test_a_changed_spec_changes_the_pod_template_so_the_pods_roll(tmp_path):
+    base = {"metadata": {"name": "a"}, "containers": [{"image": "i:1", "env": [{"name": "MODE", "value": "one"}]}]}
+    changed = copy.deepcopy(base)
+    changed["containers"][0]["env"][0]["value"] = "two"
+
+    def template(spec: dict) -> dict:
+        rendered = render_files([write(tmp_path, "a.json", spec)], [], Options())
+        return next(m.obj for m in rendered.manifests if m.kind == "Deployment")["spec"]["template"]["metadata"]
+
+    first, again, second = template(base), template(base), template(changed)
+    assert first == again
+    assert first["annotations"]["berth.dev/spec-sha256"] != second["annotations"]["berth.dev/spec-sha256"]
+
+
+def test_scaling_queries_name_metrics_berth_boot_exports():
+    """The proxy's metric names are the contract with the ScaledObject: a rename must fail here."""
+    from agent.k8s.scaling import query
+    from bootstrap.spec import ScaleStrategy, parse_spec
+    from serving.metrics import Metrics
+    from serving.state import BootState
+
+    state = BootState()
+    state.child_pid = os.getpid()  # the child collector reports only with a child
+    metrics = Metrics(state)
+    metrics.count(200)  # a labelled counter has no series before its first request
+    exported = metrics.render().decode()
+    spec = parse_spec({"metadata": {"name": "a", "cpu": 2}, "containers": [{"image": "i:1"}]}).spec
+    for metric in ("qps", "concurrency", "cpu"):
+        text = query(ScaleStrategy(metricName=metric, threshold=1), spec, Options())
+        name = text.split("(")[-1].split("{")[0]
+        assert f"\n{name} " in exported or f"\n{name}{{" in exported, (metric, name)
+
+
+def test_seconds_in_a_cron_schedule_are_left_out_with_a_warning(tmp_path):
+    spec = {"metadata": {"name": "a"}, "containers": [{"image": "i:1"}], "cronscaler": {"ScaleJobs": [
+        {"Name": "up", "Schedule": "30 0 8 * * *", "TargetSize": 3}, {"Name": "down", "Schedule": "0 0 18 * * *", "TargetSize": 1}]}}
+    rendered = render_files([write(tmp_path, "a.json", spec)], [], Options())
+    scaled = next(m.obj for m in rendered.manifests if m.kind == "ScaledObject")["spec"]
+    assert [t["metadata"]["start"] for t in scaled["triggers"]] == ["0 8 * * *", "0 18 * * *"]
+    assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (1, 3)
+    assert any("ScaleJobs[0].Schedule: its seconds field is left out" in w for w in rendered.warnings)
+    assert not any("ScaleJobs[1]" in w for w in rendered.warnings)

@@ -78,9 +78,10 @@ def render_service(spec: ServiceSpec, options: Options, source: str, warnings: W
     pod_storage = storage.pod_storage(spec, options, source, warnings)
     pod_secrets = secrets.pod_secrets(spec, options, source)
     scaled = scaling.scaled_object(spec, options, source, warnings)
-    out = [*pod_secrets.secrets, workload.config_map(spec, pod_storage, options), *pod_storage.claims,
-           workload.deployment(spec, pod_storage, pod_secrets, options, autoscaled=scaled is not None, source=source,
-                               warnings=warnings),
+    config = workload.config_map(spec, pod_storage, options)
+    out = [*pod_secrets.secrets, config, *pod_storage.claims,
+           workload.deployment(spec, config, pod_storage, pod_secrets, options, autoscaled=scaled is not None,
+                               source=source, warnings=warnings),
            workload.service(spec, options), workload.disruption_budget(spec, options)]
     if scaled is not None:
         out.append(scaled)

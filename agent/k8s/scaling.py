@@ -105,6 +105,9 @@ def _cron_triggers(jobs: list[ScaleJob], source: str, warnings: Warnings) -> tup
         if (following.time_zone or "UTC") != (job.time_zone or "UTC"):
             warnings.add(source, f"cronscaler.ScaleJobs[{index}].TimeZone", f"differs from the next job's "
                          f"({following.name}); the window's end is read in this job's zone")
+        if len(job.schedule.split()) == 6 and job.schedule.split()[0] not in ("0", "00"):
+            warnings.add(source, f"cronscaler.ScaleJobs[{index}].Schedule", "its seconds field is left out: KEDA's cron "
+                         "trigger fires on the minute")
         triggers.append({"type": "cron", "name": f"cron-{_trigger_name(job.name)}", "metadata": {
             "timezone": job.time_zone or "Etc/UTC", "start": cron.five_fields(job.schedule),
             "end": cron.five_fields(following.schedule), "desiredReplicas": str(job.target_size)}})

@@ -8,6 +8,7 @@ image with berth installed, exactly as the agent runs them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -19,6 +20,8 @@ from bootstrap.boot_cli import DEFAULT_STARTUP_TIMEOUT_S
 from bootstrap.spec import ADMIN_PORT, PROXY_PORT, Probe, ServiceSpec, is_secret_name
 
 SPEC_KEY = "spec.json"
+# A Deployment does not roll when only its ConfigMap changes; the spec's digest on the pod template makes it.
+SPEC_HASH = "berth.dev/spec-sha256"
 SHM_VOLUME = "dshm"
 SERVICE_PORT = 80
 STARTUP_PERIOD_S = 10
@@ -46,8 +49,8 @@ def config_map(spec: ServiceSpec, storage: PodStorage, options: Options) -> Mani
                      "data": {SPEC_KEY: json.dumps(data, indent=2, sort_keys=True) + "\n"}})
 
 
-def deployment(spec: ServiceSpec, storage: PodStorage, secrets: PodSecrets, options: Options, *, autoscaled: bool,
-               source: str, warnings: Warnings) -> Manifest:
+def deployment(spec: ServiceSpec, config: Manifest, storage: PodStorage, secrets: PodSecrets, options: Options, *,
+               autoscaled: bool, source: str, warnings: Warnings) -> Manifest:
     meta = spec.metadata
     container: dict[str, Any] = {"name": object_name(spec.name), "image": spec.container.image}
     if spec.container.image_pull_policy:
@@ -91,7 +94,8 @@ def deployment(spec: ServiceSpec, storage: PodStorage, secrets: PodSecrets, opti
         "selector": {"matchLabels": labels(object_name(spec.name))},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": strategy.max_unavailable}},
         "template": {
-            "metadata": {"labels": labels(object_name(spec.name)), "annotations": _scrape_annotations(spec)},
+            "metadata": {"labels": labels(object_name(spec.name)),
+                         "annotations": {**_scrape_annotations(spec), SPEC_HASH: _digest(config.obj["data"][SPEC_KEY])}},
             "spec": pod,
         },
     }
@@ -99,6 +103,10 @@ def deployment(spec: ServiceSpec, storage: PodStorage, secrets: PodSecrets, opti
         body["replicas"] = meta.instance
     return Manifest({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata(object_name(spec.name), options, object_name(spec.name)),
                      "spec": body})
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _scrape_annotations(spec: ServiceSpec) -> dict[str, str]:
