@@ -18,7 +18,7 @@ from agent.k8s import checks
 from agent.k8s.model import Manifest, Options
 from agent.k8s.render import load_stream, render_files, to_stream
 from bootstrap.spec import SpecError
-from tests.k8s_validation import CORE_KINDS, REPO, validate
+from tests.harness.k8s import CORE_KINDS, REPO, validate
 
 EXAMPLES = REPO / "examples"
 TOKEN = "svc-token-never-elsewhere"

@@ -75,7 +75,7 @@ def render_service(spec: ServiceSpec, options: Options, source: str, warnings: W
     if object_name(spec.name) != spec.name:
         warnings.add(source, "metadata.name", f"Kubernetes names cannot hold '_': the objects are named "
                      f"{object_name(spec.name)!r}; the URL and the model name keep {spec.name!r}")
-    pod_storage = storage.pod_storage(spec, options, source, warnings)
+    pod_storage = storage.pod_storage(spec, options)
     pod_secrets = secrets.pod_secrets(spec, options, source)
     scaled = scaling.scaled_object(spec, options, source, warnings)
     config = workload.config_map(spec, pod_storage, options)

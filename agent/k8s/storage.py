@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.k8s.model import Manifest, Options, Warnings, metadata, object_name
+from agent.k8s.model import Manifest, Options, metadata, object_name
 from bootstrap import cache
 from bootstrap.spec import ServiceSpec, Storage
 
@@ -40,7 +40,7 @@ class PodStorage:
         self.mounts.append(mount)
 
 
-def pod_storage(spec: ServiceSpec, options: Options, source: str, warnings: Warnings) -> PodStorage:
+def pod_storage(spec: ServiceSpec, options: Options) -> PodStorage:
     out = PodStorage()
     _node_cache(spec, options, out)
     if any(entry.object_store is not None for entry in spec.storage):

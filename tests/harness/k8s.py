@@ -19,7 +19,7 @@ import yaml
 
 from tests.harness.parts import unavailable
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KUBERNETES_VERSION = "1.35.0"  # the newest minor the large managed services (EKS, GKE, AKS, ACK) all offer
 CORE_KINDS = {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim"}
 CRD_FILES = {
