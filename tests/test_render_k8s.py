@@ -463,3 +463,22 @@ def test_seconds_in_a_cron_schedule_are_left_out_with_a_warning(tmp_path):
     assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (1, 3)
     assert any("ScaleJobs[0].Schedule: its seconds field is left out" in w for w in rendered.warnings)
     assert not any("ScaleJobs[1]" in w for w in rendered.warnings)
+
+
+def test_without_proxy_or_without_berth_boot(tmp_path):
+    no_proxy = {"metadata": {"name": "direct"}, "containers": [{"image": "i:1", "port": 8500, "proxy": False}]}
+    bare = {"metadata": {"name": "bare"}, "containers": [{"image": "i:1", "command": "serve", "port": 8500, "bootstrap": False,
+                                                          "readiness_check": {"tcp_socket": {}, "period_seconds": 2}}]}
+    rendered = render_files([write(tmp_path, "d.json", no_proxy), write(tmp_path, "b.json", bare)], [], Options())
+    containers = {m.name: m.obj["spec"]["template"]["spec"]["containers"][0] for m in rendered.manifests if m.kind == "Deployment"}
+    direct = containers["direct"]
+    assert direct["command"] == ["berth", "boot"]  # the image's CMD, under berth boot --no-proxy (from the spec)
+    assert {p["name"]: p["containerPort"] for p in direct["ports"]} == {"http": 8500, "admin": 9090}
+    plain = containers["bare"]
+    assert plain["command"] == ["sh", "-c", "serve"] and plain["ports"] == [{"name": "http", "containerPort": 8500}]
+    assert plain["readinessProbe"]["tcpSocket"] == {"port": 8500} and plain["readinessProbe"]["periodSeconds"] == 2
+    assert "startupProbe" not in plain and "livenessProbe" not in plain
+    assert any("containers[0].bootstrap: false: rendered without berth boot" in w for w in rendered.warnings)
+    for manifest in rendered.manifests:
+        if manifest.kind in CORE_KINDS:
+            validate(manifest.obj)
