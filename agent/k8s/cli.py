@@ -37,7 +37,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     k8s.add_argument("--group", action="append", default=[], metavar="GROUP.json",
                      help="a service group file (repeatable): one HTTPRoute over its members")
     k8s.add_argument("--namespace", "-n", default=DEFAULT_NAMESPACE, metavar="NS",
-                     help=f"namespace of every object and of the Prometheus queries ({DEFAULT_NAMESPACE})")
+                     help=f"namespace of every object and of the Prometheus queries ({DEFAULT_NAMESPACE!r})")
     k8s.add_argument("--gateway", default=DEFAULT_GATEWAY, metavar="NAME",
                      help=f"the Gateway the HTTPRoutes attach to ({DEFAULT_GATEWAY})")
     k8s.add_argument("--prometheus", default=DEFAULT_PROMETHEUS, metavar="URL",

@@ -132,8 +132,9 @@ def _boot_probes(spec: ServiceSpec) -> dict[str, Any]:
         # /live answers 200 from the first second, so only /ready can hold a start.
         "startupProbe": on("/ready", periodSeconds=STARTUP_PERIOD_S,
                            failureThreshold=math.ceil(startup_budget_s(spec) / STARTUP_PERIOD_S)),
-        # Every second: /ready turns 503 at SIGTERM and the pod must leave the endpoints during the drain delay.
-        "readinessProbe": on("/ready", periodSeconds=1, failureThreshold=1, successThreshold=1),
+        # Every second: /ready turns 503 at SIGTERM, and 3 misses (3 s, not one slow answer) stay inside
+        # berth boot's 5 s drain delay, during which new requests are still served.
+        "readinessProbe": on("/ready", periodSeconds=1, failureThreshold=3, successThreshold=1),
         "livenessProbe": on("/live", periodSeconds=10, failureThreshold=3),
     }
 
