@@ -406,13 +406,20 @@ def test_check_mirror_percent_and_fraction_never_both(manifests):
     assert checks.mirror_percent_or_fraction(manifests) == ["HTTPRoute/llm: RequestMirror gives both percent and fraction; give one"]
 
 
-def test_check_names_unique(tmp_path):
-    service = {"metadata": {"name": "same"}, "containers": [{"image": "i:1"}]}
-    group = {"name": "same", "routes": [{"service": "same"}]}
-    from bootstrap.errors import CommandFailed
+def test_check_names_unique(manifests):
+    manifests.append(copy.deepcopy(manifests[-1]))
+    assert checks.names_unique(manifests) == ["HTTPRoute/llm: rendered twice (a service and a group, or two files, share the name)"]
 
-    with pytest.raises(CommandFailed, match="HTTPRoute/same: rendered twice"):
-        render_files([write(tmp_path, "s.json", service)], [write(tmp_path, "g.json", group)], Options())
+
+def test_a_service_and_a_group_with_one_name_are_refused(tmp_path):
+    service = write(tmp_path, "s.json", {"metadata": {"name": "same"}, "containers": [{"image": "i:1"}]})
+    group = write(tmp_path, "g.json", {"name": "same", "routes": [{"service": "same"}]})
+    result = berth("render", "k8s", service, "--group", group)
+    assert result.returncode == 2 and "g.json: the name 'same' is also used in" in result.stderr and result.stdout == ""
+    twin = write(tmp_path, "t.json", {"metadata": {"name": "sa-me"}, "containers": [{"image": "i:1"}]})
+    other = write(tmp_path, "u.json", {"metadata": {"name": "sa_me"}, "containers": [{"image": "i:1"}]})
+    result = berth("render", "k8s", twin, other)
+    assert result.returncode == 2 and "'sa_me' is also used in" in result.stderr
 
 
 def test_a_bad_spec_raises_spec_error_in_process(tmp_path):

@@ -15,7 +15,7 @@ import yaml
 
 from agent.k8s import checks, route, scaling, secrets, storage, workload
 from agent.k8s.model import Manifest, Options, Warnings, object_name
-from bootstrap.errors import CommandFailed
+from bootstrap.errors import CommandFailed, UsageError
 from bootstrap.group import GroupRoute, GroupSpec, load_group_file
 from bootstrap.spec import NOT_ON_ONE_NODE, ServiceSpec, SpecIssue, load_spec_file
 
@@ -58,6 +58,7 @@ def _spec_warning(source: str, issue: SpecIssue, warnings: Warnings) -> None:
 def render(services: list[tuple[str, ServiceSpec]], groups: list[tuple[str, GroupSpec]], options: Options,
            warnings: Warnings | None = None) -> Rendered:
     warnings = warnings or Warnings()
+    _distinct_names(services, groups)
     manifests: list[Manifest] = []
     for source, spec in services:
         manifests.extend(render_service(spec, options, source, warnings))
@@ -69,6 +70,18 @@ def render(services: list[tuple[str, ServiceSpec]], groups: list[tuple[str, Grou
         raise CommandFailed("the rendered manifests fail berth's own checks (a bug in berth; please report it):\n  "
                             + "\n  ".join(problems))
     return Rendered(manifests, warnings.items)
+
+
+def _distinct_names(services: list[tuple[str, ServiceSpec]], groups: list[tuple[str, GroupSpec]]) -> None:
+    """Services and groups share one URL space and one namespace of object names."""
+    owners: dict[str, str] = {}
+    named = [(source, spec.name) for source, spec in services] + [(source, group.name) for source, group in groups]
+    for source, name in named:
+        key = object_name(name)
+        if key in owners:
+            raise UsageError(f"{source}: the name {name!r} is also used in {owners[key]}; each service and group needs "
+                             "its own (Kubernetes names read '_' as '-')")
+        owners[key] = source
 
 
 def render_service(spec: ServiceSpec, options: Options, source: str, warnings: Warnings) -> list[Manifest]:
