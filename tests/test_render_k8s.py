@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -18,7 +19,7 @@ from agent.k8s import checks
 from agent.k8s.model import Manifest, Options
 from agent.k8s.render import load_stream, render_files, to_stream
 from bootstrap.spec import SpecError
-from tests.harness.k8s import CORE_KINDS, REPO, validate
+from tests.harness.k8s import CORE_KINDS, KUBERNETES_VERSION, REPO, validate
 
 EXAMPLES = REPO / "examples"
 TOKEN = "svc-token-never-elsewhere"
@@ -192,10 +193,14 @@ def test_claim_carries_the_csi_volume_it_expects_as_a_comment(tmp_path):
     rendered = render_files([write(tmp_path, "a.json", spec)], [], Options())
     text = to_stream(rendered.manifests)
     claim = next(m for m in rendered.manifests if m.kind == "PersistentVolumeClaim")
-    volume = yaml.safe_load("\n".join(claim.comment.splitlines()[3:]))
-    assert volume["kind"] == "PersistentVolume" and volume["spec"]["csi"]["driver"] == "ossplugin.csi.alibabacloud.com"
+    commented = text.split("# ---\n", 1)[1].split("\napiVersion: v1\nkind: PersistentVolumeClaim", 1)[0]
+    volume = yaml.safe_load("\n".join(line[2:] for line in commented.splitlines()))
+    assert volume == claim.commented and volume["kind"] == "PersistentVolume"
+    assert volume["spec"]["csi"]["driver"] == "ossplugin.csi.alibabacloud.com"
     assert volume["spec"]["csi"]["volumeAttributes"] == {"bucket": "results", "path": "/run/"}
-    assert "# apiVersion: v1\n# kind: PersistentVolume" in text
+    assert volume["spec"]["claimRef"] == {"namespace": "default", "name": claim.name}
+    assert claim.comment.startswith("This claim expects a PersistentVolume of Alibaba Cloud's OSS CSI plugin")
+    kubernetes_validate.validate(volume, KUBERNETES_VERSION, strict=True)  # it applies once its Secret exists
     assert all(doc["kind"] != "PersistentVolume" for doc in load_stream(text))  # commented, not applied
 
 

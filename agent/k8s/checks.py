@@ -126,7 +126,7 @@ def secrets_only_in_secrets(manifests: list[Manifest]) -> list[str]:
     for manifest in manifests:
         if manifest.kind == "Secret":
             continue
-        text = [*_strings(manifest.obj), manifest.comment]
+        text = [*_strings(manifest.obj), *_strings(manifest.commented), manifest.comment]
         if any(secret in piece for piece in text for secret in secrets):
             problems.append(f"{_where(manifest)}: holds a secret value; only a Secret may")
     return problems

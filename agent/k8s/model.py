@@ -27,10 +27,12 @@ class Options:
 
 @dataclass(frozen=True)
 class Manifest:
-    """One Kubernetes object, and a YAML comment to print above it (e.g. the volume a claim expects)."""
+    """One Kubernetes object, and a comment to print above it: a note, and an object not to apply
+    (the volume a claim expects, which needs credentials berth does not hold)."""
 
     obj: dict[str, Any]
     comment: str = ""
+    commented: dict[str, Any] | None = None
 
     @property
     def kind(self) -> str:

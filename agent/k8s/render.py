@@ -137,10 +137,15 @@ def _string(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _string)
 
 
+def _dump(obj: dict[str, Any]) -> str:
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=True, default_flow_style=False, width=1000, allow_unicode=True)
+
+
 def to_yaml(manifest: Manifest) -> str:
-    comment = "".join(f"# {line}".rstrip() + "\n" for line in manifest.comment.splitlines())
-    return comment + yaml.dump(manifest.obj, Dumper=_Dumper, sort_keys=True, default_flow_style=False, width=1000,
-                               allow_unicode=True)
+    comment = manifest.comment
+    if manifest.commented is not None:
+        comment += "\n---\n" + _dump(manifest.commented)
+    return "".join(f"# {line}".rstrip() + "\n" for line in comment.splitlines()) + _dump(manifest.obj)
 
 
 def to_stream(manifests: list[Manifest]) -> str:

@@ -101,20 +101,24 @@ def _claim(spec: ServiceSpec, claim: str, entry: Storage, options: Options) -> M
         },
     }
     driver, what = CSI_DRIVERS[entry.kind]
-    attributes = (f"      bucket: {store.bucket}\n      path: /{store.prefix}\n"
-                  + (f"      url: {store.endpoint}\n" if store.endpoint else "")) if entry.kind == "oss" else (
-                  f"      bucketName: {store.bucket}\n")
-    s3_prefix = f"  mountOptions: [\"prefix {store.prefix}\"]\n" if entry.kind == "s3" and store.prefix else ""
-    comment = (
-        f"This claim expects a PersistentVolume of {what}, which berth does not render (it holds\n"
-        f"no credentials); for {store.path}, e.g.:\n"
-        "---\n"
-        "apiVersion: v1\nkind: PersistentVolume\n"
-        f"metadata:\n  name: {claim}\n"
-        f"spec:\n  capacity: {{storage: 1Gi}}\n  accessModes: [{access}]\n  persistentVolumeReclaimPolicy: Retain\n"
-        f"  claimRef: {{namespace: {options.namespace}, name: {claim}}}\n{s3_prefix}"
-        f"  csi:\n    driver: {driver}\n    volumeHandle: {claim}\n"
-        f"    nodePublishSecretRef: {{name: {options.storage_secret_for(object_name(spec.name))}, namespace: {options.namespace}}}\n"
-        f"    volumeAttributes:\n{attributes}"
-    )
-    return Manifest(obj, comment)
+    csi: dict[str, Any] = {"driver": driver, "volumeHandle": claim}
+    volume: dict[str, Any] = {
+        "capacity": {"storage": "1Gi"}, "accessModes": [access], "persistentVolumeReclaimPolicy": "Retain",
+        "claimRef": {"namespace": options.namespace, "name": claim}, "csi": csi,
+    }
+    if entry.kind == "oss":
+        # The OSS plugin reads akId and akSecret from this Secret (its own key names, not berth's OSS_ACCESS_KEY_ID).
+        csi["nodePublishSecretRef"] = {"name": f"{claim}-csi", "namespace": options.namespace}
+        csi["volumeAttributes"] = {"bucket": store.bucket, "path": "/" + store.prefix,
+                                   **({"url": store.endpoint} if store.endpoint else {})}
+    else:
+        # Mountpoint for S3 uses the driver's own credentials (IRSA or its aws-secret).
+        csi["volumeAttributes"] = {"bucketName": store.bucket}
+        if store.prefix:
+            volume["mountOptions"] = [f"prefix {store.prefix}"]
+        if store.read_only:
+            volume["mountOptions"] = [*volume.get("mountOptions", []), "read-only"]
+    note = (f"This claim expects a PersistentVolume of {what}, which berth does not render (it holds no "
+            f"credentials); for {store.path}, e.g.:")
+    commented = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": claim}, "spec": volume}
+    return Manifest(obj, note, commented)
