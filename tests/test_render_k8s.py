@@ -180,6 +180,8 @@ def test_storage_mounts_only_this_services_cache_and_renders_claims_nfs_hostpath
     assert ("Secret", "big-llm-storage") not in objects  # referenced, never rendered
     assert volumes["storage-2"]["nfs"] == {"server": "10.0.0.5", "path": "/export/data", "readOnly": True}
     assert volumes["storage-4"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["storage-3"] == {"name": "storage-3", "mountPath": "/mnt/local", "readOnly": True}  # local: read-only by default
     assert volumes["storage-1"]["persistentVolumeClaim"] == {"claimName": "big-llm-storage-1"}
     claim = objects[("PersistentVolumeClaim", "big-llm-storage-1")]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["volumeName"] == "big-llm-storage-1"
