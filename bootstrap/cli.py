@@ -30,6 +30,7 @@ berth: serve models on a GPU node.
   berth rm NAME           stop (SIGTERM, grace, SIGKILL) and remove a service
   berth node              the node: runtime, CPU, memory, disks, images
   berth stress TARGET     find a service's saturation point; report, charts, autoscaler setting
+  berth render k8s FILE   Kubernetes manifests from the same JSON (docs/kubernetes.md)
 
 Exit codes: 0 done, 1 the operation failed, 2 bad usage or invalid input.
 """
