@@ -133,17 +133,31 @@ def test_concurrency_limit_queues_then_refuses_with_503(tmp_path):
         boot.close()
 
 
-@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
 def test_pooled_connection_closed_by_the_child_is_not_a_502(boot, method):
-    """The keep-alive race: the child closes a pooled connection as the proxy sends on it."""
+    """The keep-alive race: the child closes a pooled connection as the proxy sends on it;
+    an idempotent request without a body is sent again on a new connection."""
     conn = httpclient.HTTPConnection("127.0.0.1", boot.proxy_port, timeout=5)
     for _ in range(5):
         conn.request("GET", "/arm-close")
         assert conn.getresponse().read() == b"armed"
-        conn.request(method, "/echo", body=b"payload" if method == "POST" else None)
+        conn.request(method, "/echo")
         response = conn.getresponse()
         assert response.status == 200, response.read()
         assert json.loads(response.read())["method"] == method
+
+
+def test_a_post_is_never_sent_twice_after_the_keep_alive_race(boot):
+    """The child read the POST before closing: sending it again could run it twice (502, as nginx)."""
+    conn = httpclient.HTTPConnection("127.0.0.1", boot.proxy_port, timeout=5)
+    conn.request("GET", "/arm-close")
+    assert conn.getresponse().read() == b"armed"
+    conn.request("POST", "/echo", body=b"payload")
+    response = conn.getresponse()
+    assert response.status == 502, response.read()
+    response.read()
+    conn.request("POST", "/echo", body=b"payload")  # the next one goes on a new connection
+    assert conn.getresponse().status == 200
 
 
 def test_forwarding_headers_and_keep_alive(boot):
