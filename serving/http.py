@@ -5,7 +5,8 @@ own case (`Request.header(b"host")` looks one up case-insensitively). A handler 
 returning a `Response` (the server writes it), or, to stream, by calling
 `request.send_stream()` itself; either way the server then serves the connection's next
 request. Bodies are read with `await request.body()`, which answers `Expect: 100-continue`
-on first use and stops at `request.body_limit` (BodyTooLarge).
+on first use and stops at `request.body_limit` (BodyTooLarge); a handler may leave a
+BodyError to the server, which answers its status (413, 400, 408) and closes.
 """
 
 from __future__ import annotations
@@ -20,16 +21,37 @@ if TYPE_CHECKING:
 
 Headers = list[tuple[bytes, bytes]]
 
+# Headers for one connection only (RFC 9110 7.6.1), never passed on by a proxy (its own
+# framing replaces Content-Length), with those the Connection header names.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te", b"trailer",
+    b"trailers", b"transfer-encoding", b"upgrade", b"content-length",
+})
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 REASONS[499] = b"Client Closed Request"
 
 
-class BodyTooLarge(Exception):
+class BodyError(Exception):
+    """The request body cannot be had; the server answers `status` and closes the connection."""
+
+    status = 400
+
+
+class BodyTooLarge(BodyError):
     """The request body grew past `request.body_limit` while being read."""
 
+    status = 413
 
-class BodyIncomplete(ConnectionError):
-    """The client went away, or timed out, before its request body was whole."""
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body over the limit of {limit} bytes")
+
+
+class BodyIncomplete(BodyError):
+    """The body broke off: invalid chunked framing (400), too slow (408), the client gone."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Response:
@@ -96,7 +118,7 @@ class Request:
         self.deadline = self._connection.server.deadline_after(seconds)
 
     async def body(self) -> bytes:
-        """The whole body; BodyTooLarge past `body_limit`, BodyIncomplete if the client left."""
+        """The whole body; BodyTooLarge past `body_limit`, BodyIncomplete if it broke off."""
         if self.expect_continue and not self._continued and not self._complete:
             self._continued = True
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -108,7 +130,9 @@ class Request:
             await self._waiter
         if self._failed is not None:
             raise self._failed
-        return b"".join(self._parts) if len(self._parts) != 1 else self._parts[0]
+        if len(self._parts) != 1:
+            self._parts = [b"".join(self._parts)]
+        return self._parts[0]
 
     def send(self, response: Response) -> None:
         self._connection.send(self, response)
@@ -130,7 +154,7 @@ class Request:
     def _feed(self, data: bytes) -> None:
         self._size += len(data)
         if self.body_limit is not None and self._size > self.body_limit:
-            self._fail(BodyTooLarge())
+            self._fail(BodyTooLarge(self.body_limit))
             return
         self._parts.append(data)
         self._wake()
@@ -168,6 +192,12 @@ class Upgraded(TunnelEnd, Protocol):
     def start(self, peer: TunnelEnd) -> None:
         """From now on hand every byte (and those already received) to `peer.write`, pause
         and resume `peer`'s reading with this side's write buffer, `peer.close()` at the end."""
+
+
+def without_named(headers: Headers, connection: bytes) -> Headers:
+    """`headers` without those a Connection header's value names."""
+    named = {token.strip().lower() for token in connection.split(b",")}
+    return [(name, value) for name, value in headers if name.lower() not in named]
 
 
 def encode_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:

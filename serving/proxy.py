@@ -18,22 +18,16 @@ import gc
 import hmac
 import time
 from dataclasses import dataclass
-from typing import Iterable
 
-from serving.http import BodyIncomplete, BodyTooLarge, Headers, Request, Response
+from serving.http import HOP_BY_HOP, Headers, Request, Response
 from serving.metrics import Metrics
 from serving.server import Handler, Server, ServerLimits
 from serving.state import BootState, State
 from serving.upstream import Response as UpstreamResponse
 from serving.upstream import UpstreamError, UpstreamPool
 
-HOP_BY_HOP = frozenset(
-    h.lower().encode() for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
-        "TE", "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Content-Length",
-        "Expect",  # answered here (100-continue); the body goes on with its length
-    )
-)
+# Expect is answered here (100-continue); the body goes on with its length.
+REQUEST_HOP_BY_HOP = HOP_BY_HOP | {b"expect"}
 # Responses up to this size are read whole and sent in one write; larger or unsized ones stream.
 SMALL_BODY = 64 * 1024
 MiB = 1024 * 1024
@@ -150,13 +144,8 @@ class Limits:
             limit = self.config.max_body
             if request.content_length is not None and request.content_length > limit:
                 return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
-            request.body_limit = limit
-            try:
-                await request.body()  # read before queueing: a slot is for the child's work (100 Continue goes now)
-            except BodyTooLarge:
-                return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
-            except BodyIncomplete as exc:
-                return reject(self.metrics, 408, f"the request body did not arrive: {exc}", close=True)
+            request.body_limit = limit  # a chunked body over it: the server answers 413 (BodyTooLarge)
+            await request.body()  # read before queueing: a slot is for the child's work (100 Continue goes now)
         if self._slots is None:
             return await self.next(request)
         if self._slots.locked() and self.state.queued >= self.config.queue_limit:
@@ -243,7 +232,7 @@ class Forward:
         return response
 
     async def _relay(self, request: Request, upstream: UpstreamResponse) -> Response:
-        headers = without_hop_by_hop(upstream.headers)
+        headers = upstream.headers
         length = upstream.content_length
         if request.method == "HEAD":
             await upstream.read()
@@ -260,23 +249,10 @@ class Forward:
                 return await self._relay(request, upstream)
             await upstream.read()
             return reject(self.metrics, 502, f"the service answered the WebSocket upgrade with {upstream.status}, not 101")
-        headers = without_hop_by_hop(upstream.headers, keep=UPGRADE_HEADERS)
-        response = Response(101, headers=headers, reason=upstream.reason)
+        upgrade = [pair for pair in upstream.hop_headers if pair[0] in (b"upgrade", b"connection")]
+        response = Response(101, headers=upstream.headers + upgrade, reason=upstream.reason)
         await request.tunnel(response, upstream.upgraded())
         return response
-
-
-UPGRADE_HEADERS = frozenset({b"upgrade", b"connection"})
-
-
-def without_hop_by_hop(headers: Iterable[tuple[bytes, bytes]], keep: frozenset[bytes] = frozenset()) -> Headers:
-    headers = list(headers)
-    dropped = HOP_BY_HOP
-    for name, value in headers:
-        if name.lower() == b"connection":  # headers the Connection header names are hop-by-hop too
-            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
-    dropped = dropped - keep
-    return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 
 def forwarded_headers(request: Request, default_host: bytes) -> Headers:
@@ -287,7 +263,7 @@ def forwarded_headers(request: Request, default_host: bytes) -> Headers:
     before us set it; Host is ours if the client sent none. A WebSocket upgrade keeps
     `Upgrade` and `Connection: upgrade`.
     """
-    dropped = HOP_BY_HOP | request.hop_by_hop if request.hop_by_hop else HOP_BY_HOP
+    dropped = REQUEST_HOP_BY_HOP | request.hop_by_hop if request.hop_by_hop else REQUEST_HOP_BY_HOP
     headers: Headers = []
     prior: list[bytes] = []
     host = None

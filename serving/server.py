@@ -34,7 +34,7 @@ from typing import AsyncIterable, Awaitable, Callable
 
 import httptools
 
-from serving.http import REASONS, BodyIncomplete, Request, Response, TunnelEnd, Upgraded, encode_headers
+from serving.http import REASONS, BodyError, BodyIncomplete, Request, Response, TunnelEnd, Upgraded, encode_headers
 
 log = logging.getLogger("berth.server")
 
@@ -265,6 +265,13 @@ class Connection(asyncio.Protocol):
         except asyncio.CancelledError:
             self.abort()  # the client left, or the handler's deadline passed with no one to answer
             return
+        except BodyError as exc:  # left to the server by the handler: answered as nginx does
+            if request.response_started is not None:
+                self.abort()
+                return
+            if self.server.on_refuse is not None:
+                self.server.on_refuse(exc.status)
+            response = Response(exc.status, str(exc).encode() + b"\n", [(b"Content-Type", b"text/plain; charset=utf-8")], close=True)
         except Exception:
             log.exception("the handler failed on %s %s", request.method, request.target)
             if request.response_started is not None:
@@ -295,10 +302,14 @@ class Connection(asyncio.Protocol):
         self.resume_reading()
 
     def _refuse(self, refused: Refused) -> None:
-        """A protocol error: answered after the requests before it, then the connection closes."""
+        """A protocol error: answered after the requests before it, then the connection closes.
+        An error inside a body fails that request's body read instead (400, never passed on)."""
         self.pause_reading()
         if self.parsing is not None:
-            self.parsing._fail(BodyIncomplete(str(refused)))
+            self.parsing.close = True
+            self.parsing._fail(BodyIncomplete(str(refused), refused.status))
+            self.refusal = refused  # read no further; answered by the body's reader
+            return
         if self.active is None:
             self._send_refusal(refused)
         else:
@@ -444,8 +455,12 @@ class Connection(asyncio.Protocol):
         if self.deadline is not None and now >= self.deadline:
             log.debug("closing a connection from %s: no progress on %s in time", self.peer, self.deadline_for)
             self.deadline = None
-            if self.parsing is not None:
-                self.parsing._fail(BodyIncomplete(f"no progress on {self.deadline_for} in time"))
+            if self.parsing is not None and self.parsing is self.active:  # its handler answers 408, then we close
+                self.refusal = Refused(408, "the request body stalled")
+                self.pause_reading()
+                self.parsing.close = True
+                self.parsing._fail(BodyIncomplete(f"the request body stalled for {self.limits.body_timeout:g} s", 408))
+                return
             self.abort()
         request = self.active
         if request is not None and request.deadline is not None and now >= request.deadline and not request.expired:
@@ -490,7 +505,8 @@ def _check_head(request: Request, upgrade: bool) -> None:
                 raise Refused(417, "only Expect: 100-continue is supported")
             request.expect_continue = request.version == "1.1"
         elif kind == _CONNECTION:
-            request.hop_by_hop = request.hop_by_hop | {token.strip().lower() for token in value.split(b",")}
+            if value.lower() not in (b"keep-alive", b"close"):  # both hop-by-hop already
+                request.hop_by_hop = request.hop_by_hop | {token.strip().lower() for token in value.split(b",")}
         else:
             upgrade_to = value.strip().lower()
     if request.method == "CONNECT":

@@ -24,7 +24,7 @@ from typing import AsyncIterator
 
 import httptools
 
-from serving.http import TunnelEnd
+from serving.http import HOP_BY_HOP, TunnelEnd, without_named
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -53,7 +53,12 @@ class ClosedEarly(UpstreamError):
 
 
 class Response:
-    """The child's answer: status and headers at once, the body as it arrives."""
+    """The child's answer: status and headers at once, the body as it arrives.
+
+    `headers` are the end-to-end ones, as a proxy passes them on; the hop-by-hop ones
+    (Connection, Content-Length, Transfer-Encoding, Upgrade, ...) are in `hop_headers`,
+    names in lower case.
+    """
 
     def __init__(self, connection: _Connection, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
         self.status, self.reason, self.headers, self.content_length = status, reason, headers, content_length
@@ -63,6 +68,7 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self.complete = False
         self._error: Exception | None = None
+        self.hop_headers: Headers = []
 
     async def read(self) -> bytes:
         if self.complete and self._error is None:  # most small answers arrive with their head
@@ -137,6 +143,7 @@ class _Connection(asyncio.Protocol):
         self._reason = b""
         self._headers: Headers = []
         self._content_length: int | None = None
+        self._hop: Headers = []
         self._chunked = False
         self._upgraded: list[bytes] | None = None  # after a 101: bytes that came before the tunnel started
         self._peer: TunnelEnd | None = None  # the tunnel's other end
@@ -252,14 +259,17 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._reason, self._headers, self._content_length, self._chunked = b"", [], None, False
+        self._reason, self._headers, self._hop, self._content_length, self._chunked = b"", [], [], None, False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
         lowered = name.lower()
+        if lowered not in HOP_BY_HOP:
+            self._headers.append((name, value))
+            return
+        self._hop.append((lowered, value))
         if lowered == b"content-length":
             self._content_length = int(value)
         elif lowered == b"transfer-encoding":
@@ -270,7 +280,12 @@ class _Connection(asyncio.Protocol):
         if status < 200 and status != 101:
             return  # an interim answer (100 Continue): the final one follows
         self.keep_alive = self._parser.should_keep_alive()
-        self._response = Response(self, status, self._reason, self._headers, self._content_length)
+        headers = self._headers
+        for name, value in self._hop:
+            if name == b"connection" and value.lower() not in (b"keep-alive", b"close"):
+                headers = without_named(headers, value)
+        self._response = Response(self, status, self._reason, headers, self._content_length)
+        self._response.hop_headers = self._hop
         if self._head_only:
             self._response._end()
         if self._head is not None and not self._head.done():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client as httpclient
 import json
+import os
 import re
 import socket
 import threading
@@ -99,7 +100,7 @@ def test_before_ready_requests_get_503_with_retry_after(tmp_path):
         wait_until(lambda: boot.ready_status() == 503, 10, "the admin port answering 503")
         status, headers, body = http("GET", boot.proxy + "/")
         assert status == 503 and headers["Retry-After"] == "1", body
-        assert b"not ready" in body
+        assert b"not ready" in body and headers["X-Berth-Reject"] == "not-ready"
         boot.wait_ready()
         assert http("GET", boot.proxy + "/")[0] == 200
     finally:
@@ -163,12 +164,91 @@ def test_a_post_is_never_sent_twice_after_the_keep_alive_race(boot):
 def test_forwarding_headers_and_keep_alive(boot):
     conn = httpclient.HTTPConnection("127.0.0.1", boot.proxy_port, timeout=5)
     for _ in range(3):  # one client connection, several requests
-        conn.request("GET", "/echo?a=1", headers={"X-Forwarded-For": "10.0.0.7", "Connection": "keep-alive"})
+        conn.request("GET", "/echo?a=1", headers={
+            "X-Forwarded-For": "10.0.0.7", "X-Forwarded-Proto": "https", "Connection": "keep-alive, X-Hop",
+            "X-Hop": "not for the app", "Keep-Alive": "timeout=5", "TE": "trailers", "X-End": "for the app"})
         response = conn.getresponse()
         echoed = json.loads(response.read())
     assert echoed["path"] == "/echo?a=1"
-    assert echoed["headers"]["X-Forwarded-For"] == "10.0.0.7, 127.0.0.1"
-    assert echoed["headers"]["X-Forwarded-Proto"] == "http"
+    headers = echoed["headers"]
+    assert headers["X-Forwarded-For"] == "10.0.0.7, 127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"  # from the connection: a plain-HTTP client cannot claim https
+    assert headers["X-Forwarded-Host"] == f"127.0.0.1:{boot.proxy_port}"
+    assert headers["X-End"] == "for the app"
+    assert not {"X-Hop", "Keep-Alive", "TE"} & set(headers), headers
+
+
+def test_a_websocket_upgrade_the_app_does_not_make_is_502(boot):
+    """The app answers 200 to an upgrade (no WebSocket there): 502; its own 404 goes back as it is."""
+    upgrade = "Host: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    for path, status in (("/", b"502"), ("/nowhere", b"404")):
+        with socket.create_connection(("127.0.0.1", boot.proxy_port), timeout=5) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\n{upgrade}".encode())
+            assert sock.recv(65536).split(b" ")[1] == status
+
+
+def test_expect_100_continue_is_answered_once_the_limits_pass(tmp_path):
+    boot = Boot(tmp_path, "--max-body", "1Ki")
+    try:
+        boot.wait_ready()
+        with socket.create_connection(("127.0.0.1", boot.proxy_port), timeout=5) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 413 ")  # no 100 Continue: the body is never sent
+        with socket.create_connection(("127.0.0.1", boot.proxy_port), timeout=5) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"hello")
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"body_length": 5' in answer
+    finally:
+        boot.close()
+
+
+def test_authorization_is_checked_once_and_kept_from_the_app(tmp_path):
+    token = "tok-7d1e"
+    boot = Boot(tmp_path, env={"BERTH_SERVICE_TOKEN": token})
+    try:
+        boot.wait_ready()
+        status, _, body = http("GET", boot.proxy + "/echo", headers={"Authorization": f"Bearer {token}", "X-A": "1"})
+        assert status == 200 and "Authorization" not in json.loads(body)["headers"]
+        with socket.create_connection(("127.0.0.1", boot.proxy_port), timeout=5) as sock:
+            sock.sendall(f"GET /echo HTTP/1.1\r\nHost: t\r\nAuthorization: {token}\r\nAuthorization: other\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400 ")
+        with socket.create_connection(("127.0.0.1", boot.proxy_port), timeout=5) as sock:
+            sock.sendall(b"GET /echo HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        assert "Traceback" not in boot.output()
+    finally:
+        boot.close()
+
+
+def test_draining_refusals_say_so(tmp_path):
+    boot = Boot(tmp_path, "--drain-delay", "0.2", "--grace", "10")
+    try:
+        boot.wait_ready()
+        holding = threading.Thread(target=http, args=("GET", boot.proxy + "/slow?s=2"))
+        holding.start()  # keeps the drain waiting, so the proxy is still there to refuse
+        wait_until(lambda: boot.status()["inflight"] == 1, 5, "the slow request in flight")
+        boot.signal()
+        wait_until(lambda: boot.status()["state"] == "DRAINING", 5, "DRAINING")
+        time.sleep(0.4)
+        status, headers, _ = http("GET", boot.proxy + "/")
+        holding.join()
+        assert (status, headers.get("X-Berth-Reject"), headers.get("Connection")) == (503, "draining", "close")
+    finally:
+        boot.close()
+
+
+@pytest.mark.parametrize("flag, value", [("--request-timeout", "nan"), ("--request-timeout", "0"), ("--header-timeout", "-1"),
+                                         ("--grace", "-1"), ("--body-timeout", "inf")])
+def test_impossible_durations_are_refused_at_start(tmp_path, flag, value):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bootstrap.cli", "boot", flag, value, "--", "true"],
+                            capture_output=True, text=True, timeout=30, env={**os.environ, "BERTH_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    assert flag in result.stderr and "seconds" in result.stderr
 
 
 def test_client_that_disconnects_cancels_its_upstream_request(boot):
