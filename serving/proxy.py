@@ -127,7 +127,9 @@ class Timeout:
         except asyncio.CancelledError:
             if not request.expired or request.response_started is not None:
                 raise  # the client left, or the answer had started: the server cuts the connection
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):  # Python 3.11+: this cancel is handled, not pending
+                task.uncancel()
             return reject(self.metrics, 504, f"the service did not answer within {self.seconds:g} s")
 
 
