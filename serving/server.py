@@ -169,7 +169,10 @@ class Connection(asyncio.Protocol):
             self._upgraded(data[exc.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
-            self._refuse(refused if isinstance(refused, Refused) else Refused(500, "the server failed on this request"))
+            if not isinstance(refused, Refused):
+                log.error("the server failed on a request from %s", self.peer, exc_info=refused)
+                refused = Refused(500, "the server failed on this request")
+            self._refuse(refused)
         except httptools.HttpParserError as exc:
             if data.startswith(b"PRI * HTTP/2.0") and self.active is None and not self.pipeline:
                 self.abort()  # HTTP/2's preface: this server speaks HTTP/1.1 only
