@@ -14,6 +14,13 @@ Assembling a chain on it (serving/proxy.py does this for `berth boot`; the gatew
     ...
     listener.close(); await server.shutdown(grace=1.0)
 
+A handler of a chain holds the next one and awaits it (serving/proxy.py's Drain, Timeout, ...).
+To pass a request on upstream, serving/upstream.py's UpstreamPool: its answer's status,
+end-to-end headers and body (`read()` or `chunks()`) go back as a `Response` or through
+`request.send_stream()`; a 101 answer's `upgraded()` goes to `request.tunnel()`. Set
+`request.body_limit` before `request.body()` (413 past it); `Server(on_refuse=...)` hears
+the status of every answer the server gives itself (metrics).
+
 The server owns the protocol: parsing, keep-alive, pipelined requests answered in order,
 chunked bodies both ways with back-pressure, `Expect: 100-continue`, Upgrade as a byte tunnel
 (`Request.tunnel`), the limits (431, 414, 400, 501, 417, 405) and the timeouts. Deadlines are
