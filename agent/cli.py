@@ -408,9 +408,16 @@ def run_node(args: argparse.Namespace) -> int:
         utilization = "?" if gpu["utilization_percent"] is None else f"{gpu['utilization_percent']}%"
         print(f"          {gpu['uuid']}  {gpu['name']}  {format_bytes(gpu['memory_used_bytes'])} of "
               f"{format_bytes(gpu['memory_total_bytes'])} used, {utilization} busy, held by {gpu['instance'] or '-'}")
+        shares = gpu.get("shares", [])
+        if shares:
+            print(f"            shared: {format_bytes(gpu['booked_bytes'])} of {format_bytes(gpu['memory_total_bytes'])} booked")
+        for share in shares:
+            print(f"            share {share['instance']}: {format_bytes(share['memory_bytes'])}, "
+                  f"{format_bytes(share['used_bytes'])} used (NVML)")
         for process in gpu["processes"]:
             owner = process["instance"] or (process["container"] or "")[:12] or "host"
-            print(f"            pid {process['pid']} ({owner})")
+            used = "" if process["used_memory_bytes"] is None else f", {format_bytes(process['used_memory_bytes'])}"
+            print(f"            pid {process['pid']} ({owner}{used})")
     images = node["images"]
     print(f"images    {len(images)}" + (f" ({format_bytes(sum(i['size'] for i in images))})" if images else ""))
     for image in images:

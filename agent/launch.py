@@ -14,6 +14,7 @@ from typing import Iterable
 
 from agent import runtime as rt
 from agent.config import AgentConfig
+from agent.gpu_share import Placement
 from bootstrap import cache, units
 from bootstrap.spec import ServiceSpec, SpecIssue
 
@@ -81,7 +82,7 @@ def free_port(host: str) -> int:
 
 
 def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConfig, *, gpus: list[str],
-                  host_ports: bool) -> rt.LaunchRequest:
+                  host_ports: bool, share: Placement | None = None) -> rt.LaunchRequest:
     container = spec.container
     env = {**config.env, **container.env_dict()}
     env["BERTH_SPEC"] = json.dumps(spec.to_json_dict(reveal_secrets=True, exclude_secrets=True))
@@ -118,6 +119,11 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         rt.LABEL_GRACE: str(spec.metadata.grace_s),
         rt.LABEL_AGENT: agent_label(config),
     }
+    if share is not None:
+        env.update(share.env(spec.metadata.gpu_core_percentage))
+        labels[rt.LABEL_GPU_MEMORY] = str(share.share.memory_bytes)
+        if share.mps is not None:
+            mounts.append(rt.Mount(target=share.mps.pipe_directory, source=share.mps.pipe_directory))
     proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None
     if host_ports:
@@ -134,7 +140,7 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         memory_bytes=spec.metadata.memory_bytes, shm_bytes=spec.metadata.shm_bytes, gpus=gpus,
         grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
         app_port=container.port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
-        disk_limit_bytes=spec.features.disk_limit_bytes,
+        disk_limit_bytes=spec.features.disk_limit_bytes, ipc_host=share is not None and share.mps is not None,
     )
 
 

@@ -257,6 +257,19 @@ class ProcessRuntime:
     def disk_usage(self, instance_id: str, empty_dir_paths: list[str]) -> None:
         return None  # see LIMITATIONS
 
+    def instance_of_pid(self, pid: int) -> str | None:
+        """Each instance runs in its own session, led by the recorded process: a PID belongs to
+        the record whose pid is its session id."""
+        try:
+            session = os.getsid(pid)
+        except OSError:
+            return None
+        for handle in self.list():
+            record = self._read(handle.id)
+            if record is not None and record["pid"] == session and handle.running:
+                return handle.id
+        return None
+
     def check_gpus(self, instance_id: str, uuids: list[str]) -> None:
         return None  # see LIMITATIONS
 
