@@ -359,3 +359,18 @@ def test_the_agent_packs_shares_keeps_them_across_a_restart_and_evicts_over_its_
         for raw in (small, large, whole, waiting):
             agent.cli("rm", raw["metadata"]["name"])
         agent.stop()
+
+
+# --- scripts/gpu-check ------------------------------------------------------------------------
+
+
+def test_gpu_check_runs_here_and_says_plainly_that_there_is_no_gpu(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check"
+    done = subprocess.run([sys.executable, str(script), "--wheels", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stdout + done.stderr
+    for fact in ("python ", "driver ", "nvml ", "torch ", "vllm ", "docker ", "mps "):
+        assert f"] {fact}" in done.stdout, done.stdout
+    assert "NO GPU: neither NVML nor torch sees a GPU on this machine; the gpu tests were NOT run" in done.stdout
