@@ -83,7 +83,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("--no-wait", action="store_true", help="return once the agent has started stopping it")
     rm.set_defaults(handler=run_rm)
 
-    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, GPUs, CPU, memory, disks, images")
+    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, GPUs (holders, shares, NVML-measured use), CPU, memory, disks, images")
     node.set_defaults(handler=run_node)
 
 
@@ -98,7 +98,11 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
             "Settings come from --config FILE (JSON; every timing lives there under \"timings\"), then\n"
             "BERTH_* variables (BERTH_LISTEN, BERTH_STATE_DIR, BERTH_CACHE_DIR, BERTH_RUNTIME, BERTH_NETWORK,\n"
             "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY, BERTH_GPU_INVENTORY_FILE; BERTH_ALLOW_HOST_PATHS and BERTH_READ_ONLY_MOUNTS\n"
-            "comma-separated), then these flags."
+            "comma-separated), then these flags.\n\n"
+            "GPU shares (spec metadata.gpu_memory, in GiB of one GPU, as EAS's GB) are packed best fit onto GPUs no\n"
+            "instance holds whole; NVML's per-process memory is checked every timings.gpu_watch_period_s (soft:\n"
+            "over the share by 5% twice in a row evicts), and an MPS daemon whose pipe is in mps_pipe_directory\n"
+            "caps memory and gpu_core_percentage in the driver."
         ),
     )
     agent.add_argument("--config", type=Path, metavar="FILE", default=os.environ.get("BERTH_CONFIG"),
