@@ -377,3 +377,48 @@ def test_gpu_check_runs_here_and_says_plainly_that_there_is_no_gpu(tmp_path: Pat
     for fact in ("python ", "driver ", "nvml ", "torch ", "vllm ", "docker ", "mps "):
         assert f"] {fact}" in done.stdout, done.stdout
     assert "NO GPU: neither NVML nor torch sees a GPU on this machine; the gpu tests were NOT run" in done.stdout
+
+
+def test_vllm_engines_sharing_a_gpu_start_one_at_a_time_sized_to_their_share(tmp_path: Path) -> None:
+    """Two vLLM services on one shared GPU, deployed together: the second engine starts only once
+    the first is Ready, and each gets --gpu-memory-utilization from its share (a stand-in engine
+    that records its command line: tests/apps/fake_vllm)."""
+    from tests.harness.agent import TIMINGS, Agent, unique, wait_state
+    from tests.harness.parts import free_port
+
+    repo = Path(__file__).resolve().parents[1]
+    record = json.loads(RECORDED.read_text())
+    record["gpus"] = record["gpus"][:1]
+    inventory = tmp_path / "gpus.json"
+    inventory.write_text(json.dumps(record))
+    engine_log = tmp_path / "engines.jsonl"
+    agent = Agent(tmp_path, runtime="process", gpu_inventory_file=str(inventory), timings=TIMINGS).start()
+
+    def service(share_gib: int) -> dict:
+        env = {"PYTHONPATH": f"{repo / 'tests' / 'apps' / 'fake_vllm'}:{repo}", "FAKE_VLLM_LOG": str(engine_log),
+               "FAKE_VLLM_DELAY": "2"}
+        return {"metadata": {"name": unique("llm"), "gpu_memory": share_gib, "eas": {"termination_grace_period": 5}},
+                "containers": [{"image": "ignored", "port": free_port(), "command": f"vllm serve /models/m{share_gib}",
+                                "env": [{"name": key, "value": value} for key, value in env.items()]}]}
+
+    first, second = service(10), service(20)
+    try:
+        for raw in (first, second):
+            result = agent.deploy(raw)
+            assert result.returncode == 0, result.stderr
+        waited = wait_state(agent, second["metadata"]["name"], lambda s: s["instances"][0]["state"] == "Pending", 30, "waiting")
+        assert waited["instances"][0]["reason"].startswith(f"waits for the vLLM engine of {first['metadata']['name']}-0 to start "
+                                                           f"on GPU {UUIDS[0]}")
+        for raw in (first, second):
+            wait_state(agent, raw["metadata"]["name"], lambda s: s["ready"] == 1, 60, "Ready")
+        events = [json.loads(line) for line in engine_log.read_text().splitlines()]
+        starts = [event for event in events if event["event"] == "start"]
+        listening = [event for event in events if event["event"] == "listening"]
+        assert [event["argv"][event["argv"].index("--model") + 1] for event in starts] == ["/models/m10", "/models/m20"]
+        assert starts[1]["at"] >= listening[0]["at"], events  # the second engine began after the first listened
+        utilization = [event["argv"][event["argv"].index("--gpu-memory-utilization") + 1] for event in starts]
+        assert utilization == ["0.1255", "0.2511"]  # 10 and 20 GiB of 79.6 GiB
+    finally:
+        for raw in (first, second):
+            agent.cli("rm", raw["metadata"]["name"])
+        agent.stop()
