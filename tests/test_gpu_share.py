@@ -422,3 +422,38 @@ def test_vllm_engines_sharing_a_gpu_start_one_at_a_time_sized_to_their_share(tmp
         for raw in (first, second):
             agent.cli("rm", raw["metadata"]["name"])
         agent.stop()
+
+
+def test_docker_gets_the_one_gpu_by_uuid_the_share_env_and_mps_ipc(docker_client, base_image: str, tmp_path: Path) -> None:
+    """What the engine is asked for an instance on a share under MPS. Without the NVIDIA runtime
+    the start fails and the container is kept, so `docker inspect` shows the request."""
+    from agent.docker_runtime import DockerRuntime
+    from agent.runtime import LaunchError
+
+    if "nvidia" in docker_client.info().get("Runtimes", {}):
+        pytest.skip("this engine has the NVIDIA runtime: the start would succeed (scripts/gpu-check covers GPU machines)")
+    pipes = tmp_path / "mps"
+    pipes.mkdir()
+    os.mkfifo(pipes / "control")
+    raw = spec(gpu_memory=20, gpu_core_percentage=40)
+    raw["metadata"]["name"] = f"share-{os.urandom(3).hex()}"
+    raw["containers"][0].update(image=base_image, command="true", bootstrap=False)
+    config = AgentConfig(state_dir=tmp_path / "state", cache_dir=tmp_path / "cache")
+    placement = Placement(GpuShare(uuid=UUIDS[2], memory_bytes=20 * GIB), TOTAL, detect_mps(str(pipes)))
+    request = launch.build_request(parse_spec(raw).spec, "r1", 0, config, gpus=[UUIDS[2]], host_ports=False, share=placement)
+    runtime = DockerRuntime(config)
+    with pytest.raises(LaunchError) as caught:
+        runtime.start(request)
+    assert caught.value.reason == "GpuRuntimeMissing" and caught.value.instance_id
+    try:
+        inspected = docker_client.api.inspect_container(caught.value.instance_id)
+        host = inspected["HostConfig"]
+        assert [request["DeviceIDs"] for request in host["DeviceRequests"]] == [[UUIDS[2]]]
+        assert host["IpcMode"] == "host"
+        env = dict(item.split("=", 1) for item in inspected["Config"]["Env"])
+        assert env["BERTH_GPU_MEMORY_BYTES"] == str(20 * GIB)
+        assert env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == "0=20480M" and env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "40"
+        assert inspected["Config"]["Labels"][LABEL_GPU_MEMORY] == str(20 * GIB)
+        assert any(mount["Destination"] == str(pipes) for mount in inspected["Mounts"])
+    finally:
+        docker_client.api.remove_container(caught.value.instance_id, force=True)
