@@ -13,7 +13,6 @@ drive them (see README, "GPU sharing").
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import stat
 import time
@@ -23,8 +22,6 @@ from typing import Callable, Iterable, Mapping
 
 from agent.gpus import Gpu, GpuAllocator, GpuShare
 from bootstrap.spec import Metadata, ServiceSpec, SpecIssue
-
-log = logging.getLogger("berth.agent.gpu_share")
 
 GPU_MEMORY_EXCEEDED = "GpuMemoryExceeded"
 # Allocators round up and CUDA contexts add a few hundred MiB: a little over is not a runaway.
@@ -117,8 +114,6 @@ def is_vllm(spec: ServiceSpec) -> bool:
     container = spec.container
     if not container.bootstrap or not container.command:
         return False
-    if "--vllm" in container.command.split():
-        return True
     try:
         return parse_command(container.command) is not None
     except VllmCommandError:
