@@ -264,10 +264,10 @@ class ProcessRuntime:
             session = os.getsid(pid)
         except OSError:
             return None
-        for handle in self.list():
-            record = self._read(handle.id)
-            if record is not None and record["pid"] == session and handle.running:
-                return handle.id
+        for path in self._records.glob("*.json"):
+            record = None if path.name.endswith(".status.json") else self._read(path.stem)
+            if record is not None and record["pid"] == session and self._alive(record):
+                return record["id"]
         return None
 
     def check_gpus(self, instance_id: str, uuids: list[str]) -> None:
