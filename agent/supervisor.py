@@ -306,7 +306,7 @@ class Supervisor:
         """Raise SpecError (422) for what the operator's policy forbids."""
         ports = {svc.spec.container.port: name for name, svc in self.services.items() if not svc.deleting}
         issues = launch.check_policy(spec, self.config, host_ports=self.host_ports, app_ports_in_use=ports,
-                                     gpu_capacity=self.gpu_capacity())
+                                     gpu_capacity=self.gpu_capacity(), process_runtime=self.runtime.name == "process")
         issues += gpu_share.share_issues(spec.metadata, self.gpus.inventory.gpus())
         if issues:
             raise SpecError(issues)
@@ -543,9 +543,9 @@ class Supervisor:
         if share is not None and gpu_share.is_vllm(spec):
             await self._vllm_turn(inst, share.share.uuid)
         self._set(inst, State.STARTING, "")
-        request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports,
-                                       share=share)
         try:
+            request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports,
+                                           share=share)
             handle = await asyncio.to_thread(self.runtime.start, request)
         except LaunchError as exc:
             if exc.instance_id is not None:  # kept for `docker inspect`; removed with the service
