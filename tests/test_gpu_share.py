@@ -457,3 +457,48 @@ def test_docker_gets_the_one_gpu_by_uuid_the_share_env_and_mps_ipc(docker_client
         assert any(mount["Destination"] == str(pipes) for mount in inspected["Mounts"])
     finally:
         docker_client.api.remove_container(caught.value.instance_id, force=True)
+
+
+# --- berth render k8s --gpu-share -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "limits", "warned"),
+    [
+        ("none", {"nvidia.com/gpu": 1}, ["metadata.gpu_memory: 20.5 GiB of one GPU rendered as a whole nvidia.com/gpu: 1"]),
+        ("hami", {"nvidia.com/gpu": 1, "nvidia.com/gpumem": 20992, "nvidia.com/gpucores": 30}, []),
+        ("ack", {"aliyun.com/gpu-mem": 21}, ["metadata.gpu_memory: 20.5 GiB rounded up to aliyun.com/gpu-mem 21",
+                                             "metadata.gpu_core_percentage: left out: ACK's aliyun.com/gpu-mem shares memory only"]),
+    ],
+)
+def test_render_k8s_maps_a_share_for_each_gpu_sharing_plugin(tmp_path: Path, mode: str, limits: dict, warned: list[str]) -> None:
+    from agent.k8s.model import Options
+    from agent.k8s.render import render_files
+    from tests.harness.k8s import validate
+
+    raw = spec(gpu_memory=20.5, gpu_core_percentage=30, memory=8192)
+    (tmp_path / "small.json").write_text(json.dumps(raw))
+    rendered = render_files([str(tmp_path / "small.json")], [], Options(gpu_share=mode))
+    (deployment,) = [m.obj for m in rendered.manifests if m.kind == "Deployment"]
+    validate(deployment)
+    resources = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"] == {"memory": "8192Mi", **limits}  # 20.5 GiB = 20992 MiB for HAMi
+    assert resources["requests"] == {"memory": "8192Mi"}  # extended resources in limits only
+    for warning in warned:
+        assert any(warning in line for line in rendered.warnings), rendered.warnings
+    assert len([line for line in rendered.warnings if "gpu" in line]) == len(warned)
+
+
+def test_render_k8s_cli_takes_gpu_share(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "small.json").write_text(json.dumps(spec(gpu_memory=8)))
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "bootstrap.cli", "render", "k8s", str(tmp_path / "small.json"), "--gpu-share", "hami"],
+                          capture_output=True, text=True, cwd=repo, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "nvidia.com/gpumem: 8192" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "bootstrap.cli", "render", "k8s", str(tmp_path / "small.json"), "--gpu-share", "mig"],
+                         capture_output=True, text=True, cwd=repo, timeout=60)
+    assert bad.returncode == 2 and "--gpu-share: invalid choice: 'mig'" in bad.stderr
