@@ -374,3 +374,5 @@ class Boot:
         for close in self._closers:
             with contextlib.suppress(Exception):
                 await close()
+        if self.child is not None:
+            self.child.release_watchdog()
