@@ -171,6 +171,9 @@ class Boot:
 
     def _launch(self) -> None:
         self.state.set(State.LAUNCHING)
+        held = probes.port_in_use(self.config.app_port)
+        if held is not None:
+            raise StartupFailed(held)
         launch = self.config.engine.launch(self.config.app_port)
         self.child = Child.start(launch.argv, {**self.config.env, **launch.env})
         self.state.child_pid = self.child.pid
@@ -186,7 +189,7 @@ class Boot:
                 for probe in gates:
                     if probe is not None and probe.initial_delay_seconds:
                         await asyncio.sleep(probe.initial_delay_seconds)
-                    check = probes.check_for(probe, self.config.app_port)
+                    check = probes.check_for(probe, self.config.app_port, child_pid=self.child.pid)
                     successes = probe.success_threshold if probe else 1
                     await probes.ProbeLoop(check, self.config.probe_interval, successes).until_passing()
         except TimeoutError:
@@ -222,7 +225,7 @@ class Boot:
                     log.warning("%s check %s%s", attribute.split("_")[0], "passes" if ok else "fails: ", reason or "")
                     setattr(self.state, attribute, ok)
 
-            check = probes.check_for(probe, self.config.app_port)
+            check = probes.check_for(probe, self.config.app_port, child_pid=self.child.pid)
             loop = probes.ProbeLoop(check, probe.period_seconds, probe.success_threshold, probe.failure_threshold)
             self._background.append(asyncio.ensure_future(loop.watch(on_verdict)))
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
-import socket
+import sys
 import time
 
 import psutil
 
 from tests.apps.runner import Boot
-from tests.harness.parts import wait_until
+from tests.harness.parts import free_port, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -36,3 +37,59 @@ def test_sigkill_of_boot_ends_the_child_and_its_workers_within_1_s(tmp_path):
         assert not left, f"still running 1 s after berth boot was SIGKILLed: {left}"
     finally:
         boot.close()
+
+
+class _Stranger:
+    """Someone else's HTTP server on a port: answers every GET with 200."""
+
+    def __init__(self, port: int) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_app_port_held_by_another_process_fails_the_boot_at_once_naming_it(tmp_path):
+    port = free_port()
+    stranger = _Stranger(port)
+    boot = Boot(tmp_path, app_port=port)
+    try:
+        started = time.monotonic()
+        assert boot.wait() == 1
+        assert time.monotonic() - started < 10
+        error = boot.file_status()["last_error"]
+        assert f"the app port {port} is already in use by pid {os.getpid()}" in error
+        assert "slowapp starting" not in boot.output()  # the child was never launched
+    finally:
+        boot.close()
+        stranger.close()
+
+
+def test_a_listener_outside_the_childs_tree_never_makes_it_ready(tmp_path):
+    port = free_port()
+    # The child never listens; someone else takes its port once it runs.
+    boot = Boot(tmp_path, app_port=port, command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    stranger = None
+    try:
+        wait_until(lambda: boot.ready_status() == 503 and boot.status()["state"] == "LAUNCHING", 20, "LAUNCHING")
+        stranger = _Stranger(port)
+        wait_until(lambda: "the listener is not berth's child" in boot.output(), 10, "the foreign listener named")
+        assert f"held by pid {os.getpid()}" in boot.output()
+        assert boot.ready_status() == 503 and boot.status()["state"] == "LAUNCHING"
+    finally:
+        boot.close()
+        if stranger is not None:
+            stranger.close()
