@@ -20,6 +20,10 @@ BERTH = [sys.executable, "-m", "bootstrap.cli"]
 TIMINGS = {"probe_period_s": 0.5, "backoff_initial_s": 0.5, "backoff_max_s": 2, "pull_retries": 1,
            "pull_retry_delay_s": 0.2, "stray_grace_s": 3600}
 
+def _run_marker() -> dict[str, str]:
+    return {"BERTH_TEST_RUN": os.environ["BERTH_TEST_RUN"]} if "BERTH_TEST_RUN" in os.environ else {}
+
+
 class Agent:
     """One `berth agent` process with its own state directory, port and config file."""
 
@@ -30,7 +34,9 @@ class Agent:
         self.config_path = root / "agent.json"
         self.config_path.write_text(json.dumps({
             "listen": f"127.0.0.1:{self.port}", "state_dir": str(self.state_dir), "cache_dir": str(root / "cache"),
-            "runtime": "docker", "env": {"BERTH_DRAIN_DELAY": "0"}, "timings": TIMINGS, **config,
+            "runtime": "docker", "timings": TIMINGS, **config,
+            # The suite's marker reaches the instances too (the process runtime gives them a clean environment).
+            "env": {"BERTH_DRAIN_DELAY": "0", **_run_marker(), **config.get("env", {})},
         }))
         self.process: subprocess.Popen | None = None
 
