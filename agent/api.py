@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from agent import logs as logs_stream
 from agent.supervisor import Conflict, Supervisor
 from bootstrap.spec import SpecError, SpecIssue, parse_spec
 
@@ -120,8 +121,10 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
             # Between two runs (a restart under way): the lines kept from the run that ended.
             kept = "".join(line + "\n" for line in chosen.last_exit.log_tail)
             return PlainTextResponse(kept)
-        return StreamingResponse(_threaded(supervisor.runtime.logs(chosen.handle.id, tail=tail, follow=follow)),
-                                 media_type="text/plain")
+        chunks = await asyncio.to_thread(supervisor.runtime.logs, chosen.handle.id, tail=tail, follow=follow)
+        if follow:
+            logs_stream.acquire_follower()
+        return StreamingResponse(logs_stream.stream(chunks, held=follow), media_type="text/plain")
 
     @app.get("/v1/events", dependencies=auth)
     async def events(since: int = 0, service: str | None = None, follow: bool = True) -> StreamingResponse:
@@ -163,18 +166,12 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(supervisor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.exception_handler(logs_stream.TooManyFollowers)
+    async def too_many_followers(request: Request, exc: logs_stream.TooManyFollowers) -> JSONResponse:
+        return JSONResponse(status_code=429, content={"detail": str(exc)})
+
     @app.exception_handler(Conflict)
     async def conflict(request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(exc)})
 
     return app
-
-
-async def _threaded(chunks) -> AsyncIterator[bytes]:
-    """A blocking iterator (the runtime's log stream) read in a thread, chunk by chunk."""
-    done = object()
-    while True:
-        chunk = await asyncio.to_thread(next, chunks, done)
-        if chunk is done:
-            return
-        yield chunk

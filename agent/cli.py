@@ -157,10 +157,12 @@ def serve(config) -> int:
     supervisor = Supervisor(config, runtime, Store(config.database_path))
     app = create_app(supervisor, token)
     if config.listen.startswith("unix:"):
-        server_config = uvicorn.Config(app, uds=config.listen[5:], log_config=None, access_log=False)
+        where = {"uds": config.listen[5:]}
     else:
         host, _, port = config.listen.rpartition(":")
-        server_config = uvicorn.Config(app, host=host.strip("[]"), port=int(port), log_config=None, access_log=False)
+        where = {"host": host.strip("[]"), "port": int(port)}
+    # Open streams (`berth logs -f`, events) end 1 s after SIGTERM: systemd's stop timeout is 30 s.
+    server_config = uvicorn.Config(app, **where, log_config=None, access_log=False, timeout_graceful_shutdown=1)
     log.info("listening on %s; state in %s; token in %s", config.listen, config.state_dir, config.token_path)
     server = uvicorn.Server(server_config)
     server.run()

@@ -234,9 +234,8 @@ class ProcessRuntime:
             yield b"".join(lines if tail is None else lines[-tail:] if tail else [])
             while follow and self._alive(record):
                 chunk = handle.read()
-                if chunk:
-                    yield chunk
-                else:
+                yield chunk  # empty while idle: a heartbeat, so that a follower who left is noticed
+                if not chunk:
                     time.sleep(0.2)
             if follow:
                 yield handle.read()
