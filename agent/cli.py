@@ -113,6 +113,9 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
     agent.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for every instance")
     agent.add_argument("--allow-host-path", action="append", default=[], metavar="DIR",
                        help="allow `local` storage under DIR (or `nfs` under SERVER:/EXPORT); none by default")
+    agent.add_argument("--recover-from-runtime", action="store_true",
+                       help="the state database is lost or corrupt: move a damaged one aside and rebuild each "
+                            "service from its running instances' labels (secrets excepted), adopting them as they run")
     agent.set_defaults(handler=run_agent)
 
 
@@ -134,10 +137,10 @@ def run_agent(args: argparse.Namespace) -> int:
         "listen": args.listen, "state_dir": args.state_dir, "cache_dir": args.cache_dir, "runtime": args.runtime,
         "network": args.network, "host_ip": args.host_ip, "env": env, "allow_host_paths": args.allow_host_path,
     })
-    return serve(config)
+    return serve(config, recover=args.recover_from_runtime)
 
 
-def serve(config) -> int:
+def serve(config, recover: bool = False) -> int:
     import logging
 
     import uvicorn
@@ -154,7 +157,7 @@ def serve(config) -> int:
     print(f"berth agent: runtime {runtime.name} ({why})", file=sys.stderr, flush=True)
     for limitation in runtime.limitations:
         log.warning("runtime %s cannot enforce: %s", runtime.name, limitation)
-    supervisor = Supervisor(config, runtime, Store(config.database_path))
+    supervisor = Supervisor(config, runtime, _open_store(config, runtime, recover))
     app = create_app(supervisor, token)
     if config.listen.startswith("unix:"):
         where = {"uds": config.listen[5:]}
@@ -168,6 +171,35 @@ def serve(config) -> int:
     server.run()
     runtime.close()
     return 0 if server.started else EXIT_FAILED
+
+
+def _open_store(config, runtime, recover: bool):
+    """The state database, checked before anything runs; StateError stops the agent, touching nothing."""
+    import logging
+
+    from agent.state import StateError, Store, check_database, recover_from_runtime
+
+    path = config.database_path
+    try:
+        if not recover:
+            check_database(path, runtime.list())
+            return Store(path)
+        try:
+            store = Store(path)
+        except StateError:
+            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{path}{suffix}").exists():
+                    os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+            logging.getLogger("berth.agent").warning("moved the damaged state database aside to %s", aside)
+            store = Store(path)
+        recovered = recover_from_runtime(store, runtime.list())
+        logging.getLogger("berth.agent").warning("recovered %d service(s) from the runtime: %s", len(recovered),
+                                                 ", ".join(recovered) or "none")
+        return store
+    except StateError as exc:
+        runtime.close()
+        raise CommandFailed(str(exc)) from None
 
 
 def _ensure_token(path: Path) -> str:

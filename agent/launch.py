@@ -117,6 +117,7 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         rt.LABEL_GPUS: ",".join(gpus),
         rt.LABEL_GRACE: str(spec.metadata.grace_s),
         rt.LABEL_AGENT: agent_label(config),
+        rt.LABEL_SPEC: env["BERTH_SPEC"],
     }
     proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None

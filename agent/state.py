@@ -4,6 +4,11 @@ What runs is not stored here: the runtime (Docker's labels) is the source of tru
 What is stored is what the runtime cannot know: the specs the operator asked for (secrets
 included, hence mode 0600), each service's past revisions (for rollbacks), per-instance
 restart counts, last exits and GPU assignments, and the event log.
+
+Losing this file must never read as "the operator wants nothing": a database that is
+unreadable or corrupt, or missing while instances of this agent run, stops the agent at
+start with an error saying what to do (`StateError`); `--recover-from-runtime` rebuilds the
+services from the instances' labels instead (`recover_from_runtime`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from agent.runtime import LABEL_SPEC, Handle
+
+RECOVER_HINT = ("start the agent with --recover-from-runtime to rebuild the services from the running instances' "
+                "labels (their secrets are not in the labels: update those services with their full config after)")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -49,15 +59,31 @@ class StoredInstance:
     gpus: list[str]
 
 
+class StateError(Exception):
+    """The state database cannot be trusted; the message says what to do. Nothing was touched."""
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        try:
+            with open(path, "rb"):
+                pass
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            verdict = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(verdict)
+            self._db.executescript(SCHEMA)
+        except OSError as exc:
+            raise StateError(f"cannot read the state database {path}: {exc.strerror or exc}; fix its permissions "
+                             f"(the agent's user must read and write it), or move it aside and {RECOVER_HINT}") from None
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"the state database {path} is unreadable or corrupt ({exc}): move it aside and "
+                             f"{RECOVER_HINT}") from None
         self._lock = threading.Lock()
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -143,3 +169,32 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def recover_from_runtime(store: Store, handles: Iterable[Handle]) -> list[str]:
+    """Rebuild each service the store lacks from its newest instance's labels, under that
+    instance's own revision (so every running instance is adopted as it runs, none restarted).
+    The names recovered; services the store still holds keep their full (secret-bearing) spec."""
+    known = {stored.name for stored in store.services()}
+    newest: dict[str, Handle] = {}
+    for handle in sorted(handles, key=lambda h: h.created_at):
+        if handle.service not in known:
+            newest[handle.service] = handle
+    unlabelled = sorted(name for name, handle in newest.items() if LABEL_SPEC not in handle.labels)
+    if unlabelled:
+        raise StateError(f"cannot recover {', '.join(unlabelled)}: their instances carry no {LABEL_SPEC} label "
+                         f"(started by an older berth); restore the state database from a backup")
+    for name, handle in sorted(newest.items()):
+        store.put_service(name, json.loads(handle.labels[LABEL_SPEC]), handle.revision)
+        store.add_event("Recovered", f"rebuilt from instance {handle.id} (revision {handle.revision}); secrets "
+                                     f"are not recovered", name)
+    return sorted(newest)
+
+
+def check_database(path: Path, handles: list[Handle]) -> None:
+    """A missing database is a first start only when no instance of this agent runs."""
+    if path.exists() or not handles:
+        return
+    names = ", ".join(sorted({handle.service for handle in handles}))
+    raise StateError(f"the state database {path} is missing, but {len(handles)} instance(s) of this agent exist "
+                     f"(services {names}); nothing was stopped. Restore the file, or {RECOVER_HINT}")

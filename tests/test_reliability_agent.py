@@ -53,9 +53,59 @@ def test_twenty_idle_log_followers_starve_nothing_and_the_agent_exits_within_2_s
 def _remove_everything(agent: Agent) -> None:
     """Start the agent again if needed, remove every service, stop it."""
     if agent.process.poll() is not None:
-        agent.start()
+        agent.start("--recover-from-runtime")
     try:
         for svc in agent.api("GET", "/v1/services").json():
             agent.cli("rm", svc["name"])
     finally:
         agent.stop()
+
+
+def _boot_pid(agent: Agent, name: str) -> int:
+    (record,) = [path for path in (agent.state_dir / "processes").glob(f"berth-{name}-0-*.json")
+                 if not path.name.endswith(".status.json")]
+    return json.loads(record.read_text())["pid"]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_lost_or_damaged_state_database_stops_the_agent_touching_nothing_until_recovered(tmp_path):
+    agent = Agent(tmp_path, runtime="process").start()
+    name = unique("keep")
+    try:
+        assert agent.deploy(http_service(name), "--wait").returncode == 0
+        pid = _boot_pid(agent, name)
+        agent.stop()
+        database = agent.state_dir / "state.db"
+        kept = database.read_bytes()
+        for damage, expected in (
+            (lambda: None, "is missing, but 1 instance(s) of this agent exist"),
+            (lambda: database.write_bytes(b"this is not a database" * 100), "is unreadable or corrupt"),
+            (lambda: database.mkdir(), "cannot read the state database"),
+        ):
+            for side in ("-wal", "-shm"):
+                (agent.state_dir / f"state.db{side}").unlink(missing_ok=True)
+            database.unlink()
+            damage()
+            result = agent.cli("agent", "--config", str(agent.config_path))
+            assert result.returncode == 1, result.stderr
+            assert str(database) in result.stderr and expected in result.stderr
+            assert "--recover-from-runtime" in result.stderr
+            assert _running(pid), "an instance was touched"
+            if database.is_dir():
+                database.rmdir()
+            database.write_bytes(b"garbage")  # the next damage starts from a file
+        database.unlink()
+        database.write_bytes(b"corrupt again")
+        agent.start("--recover-from-runtime")
+        recovered = wait_state(agent, name, lambda s: s["ready"] == 1, 30, "recovered and adopted")
+        assert recovered["instances"][0]["restarts"] == 0 and _boot_pid(agent, name) == pid and _running(pid)
+        assert list(agent.state_dir.glob("state.db.damaged-*")), "the damaged database was not kept aside"
+        assert kept  # the original was a real database
+    finally:
+        _remove_everything(agent)

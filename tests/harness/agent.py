@@ -44,9 +44,9 @@ class Agent:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Agent":
+    def start(self, *flags: str) -> "Agent":
         log = open(self.root / "agent.log", "ab")
-        self.process = subprocess.Popen([*BERTH, "agent", "--config", str(self.config_path)], stdout=log, stderr=log,
+        self.process = subprocess.Popen([*BERTH, "agent", "--config", str(self.config_path), *flags], stdout=log, stderr=log,
                                         start_new_session=True)
         wait_until(lambda: self._healthy() or self.process.poll() is not None, 30, "agent start")
         assert self.process.poll() is None, (self.root / "agent.log").read_text()[-3000:]
