@@ -322,7 +322,8 @@ def _wait_ready(args: argparse.Namespace, name: str, timeout: float) -> dict:
                       + (f" ({inst['reason']})" if inst["reason"] else ""), file=sys.stderr)
             if inst["state"] in FAILING_STATES:
                 raise CommandFailed(f"{inst['id']} cannot start: {inst['state']}: {inst['reason']}" + _log_tail(inst))
-        if service["instances"] and all(inst["ready"] for inst in service["instances"]):
+        # Zero instances asked for: nothing to wait for.
+        if len(service["instances"]) == service["instance"] and all(inst["ready"] for inst in service["instances"]):
             print(f"{name}: {service['ready']}/{service['instance']} ready in {time.monotonic() - started:.1f} s",
                   file=sys.stderr)
             return service

@@ -109,3 +109,14 @@ def test_a_lost_or_damaged_state_database_stops_the_agent_touching_nothing_until
         assert kept  # the original was a real database
     finally:
         _remove_everything(agent)
+
+
+def test_deploy_wait_of_zero_instances_returns_at_once(tmp_path):
+    agent = Agent(tmp_path, runtime="process").start()
+    try:
+        started = time.monotonic()
+        result = agent.deploy(http_service(unique("none"), instance=0), "--wait", "--timeout", "30")
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 10 and "0/0 ready" in result.stderr
+    finally:
+        _remove_everything(agent)
