@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent import logs as logs_stream
+from agent.state import disk_full, disk_full_message
 from agent.supervisor import Conflict, Supervisor
 from bootstrap.spec import SpecError, SpecIssue, parse_spec
 
@@ -169,6 +170,14 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
     @app.exception_handler(logs_stream.TooManyFollowers)
     async def too_many_followers(request: Request, exc: logs_stream.TooManyFollowers) -> JSONResponse:
         return JSONResponse(status_code=429, content={"detail": str(exc)})
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, exc: Exception) -> JSONResponse:
+        """Every failure answers JSON that says what happened; never a bare 500."""
+        if disk_full(exc):
+            return JSONResponse(status_code=507, content={"detail": disk_full_message(supervisor.config.state_dir)})
+        return JSONResponse(status_code=500, content={
+            "detail": f"the agent failed: {type(exc).__name__}: {exc} (its log has the details)"})
 
     @app.exception_handler(Conflict)
     async def conflict(request: Request, exc: Conflict) -> JSONResponse:

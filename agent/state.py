@@ -13,8 +13,10 @@ services from the instances' labels instead (`recover_from_runtime`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -57,6 +59,21 @@ class StoredInstance:
     restarts: int
     last_exit: dict | None
     gpus: list[str]
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says a disk is full (a write's ENOSPC, or SQLite's SQLITE_FULL)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
+
+def disk_full_message(state_dir: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(state_dir).free} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return f"the state directory's disk is full: {free} on {state_dir}; free space there and try again"
 
 
 class StateError(Exception):

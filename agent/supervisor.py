@@ -40,7 +40,7 @@ from agent.gpus import GpuAllocator, GpuRequestRefused, GpusPending, open_invent
 from agent.pull import PullError
 from agent.revision import revision as revision_of
 from agent.runtime import LABEL_GPUS, ExitInfo, Handle, LaunchError, Runtime
-from agent.state import StoredInstance, Store
+from agent.state import StoredInstance, Store, disk_full, disk_full_message
 from bootstrap.errors import CommandFailed
 from bootstrap.spec import ServiceSpec, SpecError, parse_spec
 
@@ -444,8 +444,8 @@ class Supervisor:
         if svc is None:
             raise KeyError(name)
         if not svc.deleting:
+            self.store.mark_deleting(name)  # first: when the disk is full, nothing has changed
             svc.deleting = True
-            self.store.mark_deleting(name)
             self._spawn(self._delete(svc))
         return svc
 
@@ -464,7 +464,7 @@ class Supervisor:
             if handle.service == svc.name:
                 await asyncio.to_thread(self.runtime.stop, handle.id, svc.spec.metadata.grace_s)
                 await asyncio.to_thread(self.runtime.remove, handle.id)
-        self.store.delete_service(svc.name)
+        await self._until_stored(self.store.delete_service, svc.name)
         self.services.pop(svc.name, None)
         self._event("Deleted", "every instance stopped and removed", svc.name)
 
@@ -489,19 +489,27 @@ class Supervisor:
     # --- one instance's life ------------------------------------------------------------------
 
     async def _lifecycle(self, inst: Instance) -> None:
-        try:
-            while True:
-                if inst.handle is None or inst.handle.revision != inst.revision:
-                    if not await self._launch(inst):
+        while True:
+            try:
+                while True:
+                    if inst.handle is None or inst.handle.revision != inst.revision:
+                        if not await self._launch(inst):
+                            return
+                    exit_info = await self._supervise(inst)
+                    if not await self._after_exit(inst, exit_info):
                         return
-                exit_info = await self._supervise(inst)
-                if not await self._after_exit(inst, exit_info):
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an instance must never die silently
+                log.exception("instance %s: unexpected error", inst.id)
+                # Failed only when its processes are gone: a running one is supervised again.
+                running = inst.handle is not None and await asyncio.to_thread(self.runtime.inspect, inst.handle.id)
+                if not (running and running.running):
+                    self._set(inst, State.FAILED, f"agent error: {exc}")
                     return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an instance must never die silently
-            log.exception("instance %s: unexpected error", inst.id)
-            self._set(inst, State.FAILED, f"agent error: {exc}")
+                inst.ready = False
+                self._set(inst, State.UNHEALTHY, f"agent error: {exc}; it still runs: supervised again")
+                await asyncio.sleep(self.config.timings.backoff_initial_s)
 
     async def _launch(self, inst: Instance) -> bool:
         """Replace what runs (if anything), pull, start. False when the instance cannot run."""
@@ -735,8 +743,29 @@ class Supervisor:
     def _persist(self, inst: Instance) -> None:
         if inst.surge:
             return  # a rollout's new instance takes over the slot's record once it is Ready
-        self.store.put_instance(inst.service, inst.slot, StoredInstance(
-            inst.restarts, inst.last_exit.as_json() if inst.last_exit else None, inst.gpus))
+        try:
+            self.store.put_instance(inst.service, inst.slot, StoredInstance(
+                inst.restarts, inst.last_exit.as_json() if inst.last_exit else None, inst.gpus))
+        except Exception as exc:  # noqa: BLE001 - see _unstored
+            self._unstored(exc, f"the record of {inst.id}")
+
+    # --- a full disk under the state directory: supervision goes on, writes wait for space ----
+
+    def _unstored(self, exc: Exception, what: str) -> None:
+        """A record that could not be written: logged; the instance it describes is supervised on."""
+        if not disk_full(exc):
+            raise exc
+        log.error("%s not stored: %s", what, disk_full_message(self.config.state_dir))
+
+    async def _until_stored(self, write, *args) -> None:
+        """Retry a write the outcome of an operation hangs on (a removal) until space returns."""
+        while True:
+            try:
+                write(*args)
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._unstored(exc, f"{write.__name__}{args}")
+                await asyncio.sleep(self.config.timings.probe_period_s)
 
     # --- housekeeping -------------------------------------------------------------------------
 
@@ -833,7 +862,12 @@ class Supervisor:
             self._loop.call_soon_threadsafe(function, *args)
 
     def _event(self, kind: str, message: str, service: str | None = None, inst: Instance | None = None) -> None:
-        event = self.store.add_event(kind, message, service, inst.id if inst else None)
+        try:
+            event = self.store.add_event(kind, message, service, inst.id if inst else None)
+        except Exception as exc:  # noqa: BLE001 - see _unstored: subscribers still hear it
+            self._unstored(exc, "an event")
+            event = {"id": None, "at": time.time(), "service": service, "instance": inst.id if inst else None,
+                     "kind": kind, "message": message}
         where = inst.id if inst else (service or "agent")
         log.info("%s: %s%s", where, kind, f": {message}" if message else "")
         for queue in list(self._subscribers):
@@ -851,7 +885,7 @@ class Supervisor:
                 yield event
             while follow:
                 event = await queue.get()
-                if event["id"] > last and (service is None or event["service"] == service):
+                if (event["id"] is None or event["id"] > last) and (service is None or event["service"] == service):
                     yield event
         finally:
             self._subscribers.discard(queue)

@@ -120,3 +120,68 @@ def test_deploy_wait_of_zero_instances_returns_at_once(tmp_path):
         assert time.monotonic() - started < 10 and "0/0 ready" in result.stderr
     finally:
         _remove_everything(agent)
+
+
+class SmallDisk:
+    """A tmpfs of `size` mounted at `path` for one test (root only), removed afterwards."""
+
+    def __init__(self, path, size: str) -> None:
+        import subprocess
+
+        path.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+        if result.returncode != 0:
+            from tests.harness.parts import unavailable
+
+            unavailable("a tmpfs mount (root)", result.stderr.strip())
+        self.path = path
+        self.filler = path / "filler"
+
+    def fill(self) -> None:
+        with open(self.filler, "ab") as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+            except OSError:
+                pass
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        import subprocess
+
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+def test_state_disk_full_answers_json_keeps_instances_supervised_and_removal_finishes_when_space_returns(tmp_path):
+    disk = SmallDisk(tmp_path / "state", "8m")
+    agent = Agent(tmp_path, runtime="process").start()
+    kept, removed = unique("kept"), unique("gone")
+    try:
+        assert agent.deploy(http_service(kept), "--wait").returncode == 0
+        assert agent.deploy(http_service(removed), "--wait").returncode == 0
+        removed_pid = _boot_pid(agent, removed)
+        disk.fill()
+        refused = agent.api("POST", "/v1/services", data=json.dumps(http_service(unique("late"))))
+        assert refused.status_code == 507, refused.text
+        assert "the state directory's disk is full" in refused.json()["detail"] and "bytes free on" in refused.json()["detail"]
+        cli = agent.deploy(http_service(unique("late")))
+        assert cli.returncode == 1 and "disk is full" in cli.stderr
+        rm = agent.api("DELETE", f"/v1/services/{removed}")
+        assert rm.status_code in (202, 507), rm.text
+        if rm.status_code == 507:
+            assert "disk is full" in rm.json()["detail"]
+        time.sleep(2)  # several probe periods on a full disk
+        assert agent.service(kept)["instances"][0]["state"] == "Ready"
+        disk.free()
+        if rm.status_code == 507:
+            assert agent.api("DELETE", f"/v1/services/{removed}").status_code == 202
+        wait_until(lambda: agent.api("GET", f"/v1/services/{removed}").status_code == 404, 30, "removal after space returned")
+        assert not _running(removed_pid)
+        assert agent.service(kept)["instances"][0]["state"] == "Ready"
+    finally:
+        disk.free()
+        _remove_everything(agent)
+        disk.remove()
