@@ -268,6 +268,9 @@ class DockerRuntime:
         except NotFound:
             pass
 
+    def remove_service(self, service: str) -> None:
+        return None  # everything Docker made goes with the containers
+
     def remove(self, instance_id: str) -> None:
         try:
             attrs = self._client.api.inspect_container(instance_id)

@@ -51,6 +51,35 @@ def log_files(container: Mapping[str, Any]) -> list[Path]:
     return sorted(p for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
+def rotated(path: Path, max_files: int) -> list[Path]:
+    """`path` and its rotated copies (`.1` newest ... `.N`), oldest first, those that exist."""
+    copies = [path.with_name(f"{path.name}.{index}") for index in range(max_files - 1, 0, -1)]
+    return [candidate for candidate in [*copies, path] if candidate.exists()]
+
+
+def rotate_if_needed(path: Path, max_size_bytes: int, max_files: int) -> bool:
+    """Rotate a log its writer holds open with O_APPEND, as json-file does: past `max_size_bytes`
+    its content moves to `.1` (older copies shift, the oldest past `max_files` goes) and the file
+    is emptied in place, so the writer's next line lands at its start. True when rotated."""
+    try:
+        if path.stat().st_size <= max_size_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    if max_files > 1:
+        for index in range(max_files - 1, 1, -1):
+            older = path.with_name(f"{path.name}.{index - 1}")
+            if older.exists():
+                os.replace(older, path.with_name(f"{path.name}.{index}"))
+        copy = path.with_name(f"{path.name}.1.tmp")
+        with open(path, "rb") as source, open(copy, "wb") as target:
+            while chunk := source.read(MIB):
+                target.write(chunk)
+        os.replace(copy, path.with_name(f"{path.name}.1"))
+    os.truncate(path, 0)
+    return True
+
+
 MAX_FOLLOWERS = 256
 _followers = threading.BoundedSemaphore(MAX_FOLLOWERS)
 _DONE = object()

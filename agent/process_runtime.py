@@ -6,6 +6,12 @@ per-service virtualenv under the state directory that sees the agent's own packa
 spec's pip libraries land there and nowhere else. A JSON record per instance (pid, start
 time, ports, labels) lets a restarted agent re-adopt live processes; the exit code comes
 from the status file `berth boot` writes (BERTH_STATUS_FILE).
+
+Each instance's output goes to `logs/<name>.log`, rotated like Docker's json-file (the
+operator's log_max_size_bytes and log_max_files). The virtualenv is built aside and renamed
+into place once complete, so a kill or a full disk mid-way never leaves a half-made one.
+`remove` deletes an instance's logs and secrets; `remove_service` its virtualenv and the
+links and directories its mounts made on the host.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import site
 import subprocess
@@ -25,6 +32,7 @@ from typing import Callable, Iterator
 
 import psutil
 
+from agent import logs as log_files
 from agent.config import AgentConfig
 from agent.runtime import ExitInfo, Handle, LaunchError, LaunchRequest
 
@@ -40,6 +48,7 @@ LIMITATIONS = [
     "a lost GPU is not detected (no in-container check)",
 ]
 BOOT_ENTRY = "from bootstrap.cli import main; raise SystemExit(main())"
+VENV_MARK = "berth-agent.pth"  # written last: a virtualenv without it is incomplete
 
 
 class ProcessRuntime:
@@ -51,7 +60,8 @@ class ProcessRuntime:
         self._records = config.state_dir / "processes"
         self._logs = config.state_dir / "logs"
         self._venvs = config.state_dir / "venvs"
-        for folder in (self._records, self._logs, self._venvs):
+        self._made = config.state_dir / "made"  # per service: host paths its mounts created
+        for folder in (self._records, self._logs, self._venvs, self._made):
             folder.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen] = {}  # started by this agent: reaped here
         self._lock = threading.Lock()
@@ -95,25 +105,44 @@ class ProcessRuntime:
         """A per-service virtualenv that also sees the agent's packages (berth itself)."""
         folder = self._venvs / service
         python = folder / "bin" / "python"
-        if not python.exists():
-            venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
-            purelib = next(folder.glob("lib/python*/site-packages"))
+        if python.exists() and any(folder.glob(f"lib/python*/site-packages/{VENV_MARK}")):
+            return str(python)
+        if folder.exists():
+            log.warning("the virtualenv %s is incomplete (a kill or a full disk while it was made): made again", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        building = self._venvs / f".{service}.building-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(building, ignore_errors=True)
+        try:
+            venv.EnvBuilder(with_pip=False, symlinks=True).create(building)
+            purelib = next(building.glob("lib/python*/site-packages"))
             # addsitedir (not a bare path) so that the agent's own .pth files, editable installs
             # included, are processed too.
             dirs = [path for path in site.getsitepackages() if Path(path).is_dir()]
-            (purelib / "berth-agent.pth").write_text(
-                "".join(f"import site; site.addsitedir({path!r})\n" for path in dirs)
-            )
+            (purelib / VENV_MARK).write_text("".join(f"import site; site.addsitedir({path!r})\n" for path in dirs))
+            try:
+                os.rename(building, folder)
+            except OSError:
+                if not folder.exists():  # else another instance of the service finished first: use its
+                    raise
+        except OSError as exc:
+            raise LaunchError(f"cannot make the virtualenv {folder}: {exc.strerror or exc}") from None
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
         return str(python)
 
     def _prepare_mounts(self, request: LaunchRequest) -> None:
+        made: list[str] = []
         for mount in request.mounts:
             target = Path(mount.target)
             if mount.kind == "bind" and mount.source and not target.exists() and mount.source != mount.target:
+                made += _missing_top(target.parent)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.symlink_to(mount.source)
+                made.append(str(target))
             elif mount.kind in ("volume", "tmpfs"):
+                made += _missing_top(target)
                 target.mkdir(parents=True, exist_ok=True)
+        self._remember_made(request.service, made)
         for target, content in request.secret_files.items():
             path = self._config.state_dir / "secrets" / request.name / Path(target).name
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -133,6 +162,28 @@ class ProcessRuntime:
         if "BERTH_SERVICE_TOKEN_FILE" in env:
             env["BERTH_SERVICE_TOKEN_FILE"] = str(self._config.state_dir / "secrets" / request.name / "token")
         return env
+
+    def _remember_made(self, service: str, made: list[str]) -> None:
+        if not made:
+            return
+        path = self._made / f"{service}.json"
+        known = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(sorted(set(known) | set(made))))
+
+    def remove_service(self, service: str) -> None:
+        """What deploy made for the service and no instance needs any more: its virtualenv, and
+        the host links and directories its mounts created (deepest first)."""
+        shutil.rmtree(self._venvs / service, ignore_errors=True)
+        path = self._made / f"{service}.json"
+        if not path.exists():
+            return
+        for made in sorted(json.loads(path.read_text()), key=len, reverse=True):
+            target = Path(made)
+            if target.is_symlink():
+                target.unlink()
+            elif target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+        path.unlink()
 
     def _record_path(self, instance_id: str) -> Path:
         return self._records / f"{instance_id}.json"
@@ -220,8 +271,10 @@ class ProcessRuntime:
         record = self._read(instance_id)
         if record is not None:
             self.stop(instance_id, 0)
-            for path in (self._record_path(instance_id), Path(record["status"])):
+            for path in (self._record_path(instance_id), Path(record["status"]),
+                         *log_files.rotated(Path(record["log"]), self._config.log_max_files)):
                 path.unlink(missing_ok=True)
+            shutil.rmtree(self._config.state_dir / "secrets" / instance_id, ignore_errors=True)
         with self._lock:
             self._children.pop(instance_id, None)
 
@@ -229,8 +282,10 @@ class ProcessRuntime:
         record = self._read(instance_id)
         if record is None:
             return
-        with open(record["log"], "rb") as handle:
-            lines = handle.read().splitlines(keepends=True)
+        *older, current = log_files.rotated(Path(record["log"]), self._config.log_max_files) or [Path(record["log"])]
+        with open(current, "rb") as handle:
+            lines = b"".join(path.read_bytes() for path in older) + handle.read()
+            lines = lines.splitlines(keepends=True)
             yield b"".join(lines if tail is None else lines[-tail:] if tail else [])
             while follow and self._alive(record):
                 chunk = handle.read()
@@ -248,7 +303,15 @@ class ProcessRuntime:
                 if not handle.running and (handle.id, handle.created_at) not in reported:
                     reported.add((handle.id, handle.created_at))
                     on_exit(handle.id)
+            self._rotate_logs()
             time.sleep(self._config.timings.process_poll_s)
+
+    def _rotate_logs(self) -> None:
+        for path in self._logs.glob("*.log"):
+            try:
+                log_files.rotate_if_needed(path, self._config.log_max_size_bytes, self._config.log_max_files)
+            except OSError as exc:  # a full disk: the next pass tries again
+                log.warning("cannot rotate %s: %s", path, exc.strerror or exc)
 
     def node_info(self) -> dict:
         return {"engine": f"local processes (Python {sys.version.split()[0]})", "images": []}
@@ -264,3 +327,11 @@ class ProcessRuntime:
 
     def close(self) -> None:
         return None
+
+
+def _missing_top(path: Path) -> list[str]:
+    """The topmost of `path` and its ancestors that does not exist yet (what mkdir -p would create)."""
+    top = None
+    while not path.exists():
+        top, path = path, path.parent
+    return [str(top)] if top is not None else []

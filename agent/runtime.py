@@ -153,6 +153,9 @@ class Runtime(Protocol):
 
     def remove(self, instance_id: str) -> None: ...
 
+    def remove_service(self, service: str) -> None:
+        """Remove what the runtime made for a service beyond its instances (once all are removed)."""
+
     def logs(self, instance_id: str, *, tail: int | None, follow: bool) -> Iterator[bytes]: ...
 
     def watch_exits(self, on_exit: Callable[[str], None], stopped: Callable[[], bool]) -> None:

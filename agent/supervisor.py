@@ -464,6 +464,9 @@ class Supervisor:
             if handle.service == svc.name:
                 await asyncio.to_thread(self.runtime.stop, handle.id, svc.spec.metadata.grace_s)
                 await asyncio.to_thread(self.runtime.remove, handle.id)
+        await asyncio.to_thread(self.runtime.remove_service, svc.name)
+        for inst in instances:
+            self.previous_logs_path(inst).unlink(missing_ok=True)
         await self._until_stored(self.store.delete_service, svc.name)
         self.services.pop(svc.name, None)
         self._event("Deleted", "every instance stopped and removed", svc.name)

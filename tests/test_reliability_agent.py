@@ -185,3 +185,55 @@ def test_state_disk_full_answers_json_keeps_instances_supervised_and_removal_fin
         disk.free()
         _remove_everything(agent)
         disk.remove()
+
+
+def test_a_half_made_virtualenv_is_made_again_and_rm_removes_what_deploy_made(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    agent = Agent(tmp_path, runtime="process", allow_host_paths=[str(shared)])
+    name = unique("venv")
+    link = tmp_path / "mounts" / name / "data"
+    scratch = tmp_path / "scratch" / name / "tmp"
+    spec = http_service(name)
+    spec["storage"] = [{"mount_path": str(link), "local": {"path": str(shared)}},
+                       {"mount_path": str(scratch), "empty_dir": {}}]
+    # What a kill (or a full disk) while the virtualenv was made leaves: bin/python, no berth .pth.
+    half = agent.state_dir / "venvs" / name
+    (half / "bin").mkdir(parents=True)
+    (half / "bin" / "python").symlink_to(psutil.Process().exe())
+    agent.start()
+    try:
+        result = agent.deploy(spec, "--wait", "--timeout", "60")
+        assert result.returncode == 0, result.stderr
+        assert list(half.glob("lib/python*/site-packages/berth-agent.pth"))
+        assert link.is_symlink() and scratch.is_dir()
+        assert list((agent.state_dir / "logs").glob(f"berth-{name}-*.log"))
+        assert agent.cli("rm", name).returncode == 0
+        assert not half.exists(), "rm left the service's virtualenv"
+        assert not list((agent.state_dir / "logs").glob(f"berth-{name}-*")), "rm left its logs"
+        assert not (tmp_path / "mounts" / name).exists() and not (tmp_path / "scratch" / name).exists()
+        assert shared.is_dir(), "rm must never remove a host path it did not make"
+        assert not list((agent.state_dir / "venvs").glob(".*building*"))
+    finally:
+        _remove_everything(agent)
+
+
+def test_process_runtime_logs_rotate_like_json_file(tmp_path):
+    max_size, max_files = 64 * 1024, 3
+    agent = Agent(tmp_path, runtime="process", log_max_size_bytes=max_size, log_max_files=max_files).start()
+    name = unique("chatty")
+    port = free_port()
+    # About 2 MB of output, paced so rotation keeps up, then it serves.
+    chatty = ("python3 -c \"import time\nfor i in range(1, 40001):\n    print(f'line {i} of a chatty service', flush=True)\n"
+              "    i % 2000 or time.sleep(0.3)\" && exec python3 -m http.server " + f"{port} --bind 127.0.0.1")
+    spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 5}},
+            "containers": [{"image": "ignored", "command": chatty, "port": port}]}
+    try:
+        assert agent.deploy(spec, "--wait", "--timeout", "120").returncode == 0
+        files = sorted((agent.state_dir / "logs").glob(f"berth-{name}-*.log*"))
+        assert len(files) == max_files, files  # rotated, no more files than allowed
+        assert sum(path.stat().st_size for path in files) <= max_files * max_size * 2
+        logs = agent.cli("logs", name, "--tail", str(2000 * max_files)).stdout
+        assert "line 40000 of a chatty service" in logs
+    finally:
+        _remove_everything(agent)
