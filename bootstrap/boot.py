@@ -197,7 +197,7 @@ class Boot:
 
     async def _warm(self) -> None:
         try:
-            requests = self._warmup_requests()
+            requests = await self._warmup_requests()
             if requests:
                 self.state.warmup = await warmup.replay(requests, f"http://127.0.0.1:{self.config.app_port}")
         except warmup.WarmupError as exc:
@@ -206,11 +206,11 @@ class Boot:
             self.state.last_error = str(exc)
             log.warning("%s (ignored: --warmup-policy ignore)", exc)
 
-    def _warmup_requests(self) -> list[warmup.WarmupRequest]:
+    async def _warmup_requests(self) -> list[warmup.WarmupRequest]:
         if self.config.warmup_file is not None:
             return warmup.load_file(self.config.warmup_file)
-        profile = self.config.engine.warmup_profile()
-        return warmup.parse_lines(profile, f"{self.config.engine.name} warmup profile") if profile else []
+        profile = await self.config.engine.sized_warmup_profile(self.config.app_port)
+        return warmup.parse_lines(profile, f"{self.config.engine.name} warmup profile", builtin=True) if profile else []
 
     def _watch_checks(self) -> None:
         container = self.config.spec.container if self.config.spec else None
