@@ -74,3 +74,79 @@ def test_node_cache_disk_full_names_the_directory_and_bytes_needed_and_harms_no_
     assert_tree(tmp_path / "other", small_files)
     run_prepare(object_spec(f"s3://{small}/model/", tmp_path / "other-again", name="other"), cache, s3_server.env())
     assert_tree(tmp_path / "other-again", small_files)
+
+
+# --- the agent's lifecycle, under the process runtime (real `berth boot` process groups) ------
+
+def _service_processes(name: str) -> list:
+    """Live processes of any instance of `name` (their environment carries its spec)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if f'"name": "{name}"'.encode() in Path(f"/proc/{process.pid}/environ").read_bytes():
+                found.append(process)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def _versioned(name: str, port: int, version: str, start_delay: float = 0) -> dict:
+    command = f"sleep {start_delay}; exec python3 -m http.server {port} --bind 127.0.0.1"
+    return {"metadata": {"name": name, "eas": {"termination_grace_period": 6}},
+            "containers": [{"image": "ignored", "command": command, "port": port,
+                            "env": [{"name": "VERSION", "value": version}]}]}
+
+
+def test_a_child_that_ignores_sigterm_is_killed_at_the_stop_timeout_and_its_exit_code_reported(tmp_path):
+    agent = Agent(tmp_path, runtime="process").start()
+    name, port = unique("deaf"), free_port()
+    spec = _versioned(name, port, "1")
+    spec["containers"][0]["command"] = f"trap '' TERM; exec python3 -m http.server {port} --bind 127.0.0.1"
+    try:
+        assert agent.deploy(spec, "--wait").returncode == 0
+        started = time.monotonic()
+        assert agent.cli("rm", name).returncode == 0
+        took = time.monotonic() - started
+        assert took < 6 + 3, f"rm took {took:.1f} s, past the grace period"
+        events = [json.loads(line) for line in agent.api("GET", f"/v1/events?service={name}&follow=false").text.splitlines()]
+        stopped = next(event for event in events if event["kind"] == "Stopped")
+        assert "exit code 137" in stopped["message"], stopped  # 128 + SIGKILL, as a shell reports it
+        assert not _service_processes(name)
+    finally:
+        agent.stop()
+
+
+def test_agent_kill9_mid_rollout_resumes_after_restart_without_duplicates_or_orphans(tmp_path):
+    agent = Agent(tmp_path, runtime="process").start()
+    name, port = unique("roll"), free_port()
+    try:
+        assert agent.deploy(_versioned(name, port, "1"), "--wait").returncode == 0
+        update = agent.api("PUT", f"/v1/services/{name}", data=json.dumps(_versioned(name, port, "2", start_delay=3)))
+        assert update.status_code == 202, update.text
+        wait_state(agent, name, lambda s: any(i["revision"] == s["revision"] and i["state"] == "Starting"
+                                              for i in s["instances"]), 30, "the new revision starting")
+        agent.kill9()
+        agent.start()
+        # Resumed: every instance on the new revision and Ready, no rollout left under way (a
+        # restarted agent may find the new instance already running and simply adopt it).
+        done = wait_state(agent, name, lambda s: s["ready"] == 1 and (s["rollout"] or {}).get("state") in (None, "Complete")
+                          and all(i["revision"] == s["revision"] for i in s["instances"]), 60, "the rollout resumed")
+        assert [inst["revision"] for inst in done["instances"]] == [done["revision"]]
+        def apps() -> list:
+            return [p for p in _service_processes(name) if p.cmdline()[1:3] == ["-m", "http.server"]]
+
+        wait_until(lambda: len(apps()) == 1, 10, "exactly one app process")
+        boots = [p for p in _service_processes(name) if "bootstrap.cli" in " ".join(p.cmdline())]
+        assert len(boots) == 1, [p.cmdline() for p in boots]
+        apps = apps()
+        assert b"VERSION=2\0" in Path(f"/proc/{apps[0].pid}/environ").read_bytes()
+        records = [path for path in (agent.state_dir / "processes").glob(f"berth-{name}-*.json")
+                   if not path.name.endswith(".status.json")]
+        assert len(records) == 1, records
+    finally:
+        agent.cli("rm", name)
+        agent.stop()
