@@ -498,6 +498,8 @@ class Supervisor:
                     if inst.handle is None or inst.handle.revision != inst.revision:
                         if not await self._launch(inst):
                             return
+                        if inst.handle is None:
+                            continue  # the pull or start failed and was backed off: try again
                     exit_info = await self._supervise(inst)
                     if not await self._after_exit(inst, exit_info):
                         return

@@ -150,3 +150,39 @@ def test_agent_kill9_mid_rollout_resumes_after_restart_without_duplicates_or_orp
     finally:
         agent.cli("rm", name)
         agent.stop()
+
+
+# --- the image registry, through the Docker engine ---------------------------------------------
+
+@pytest.mark.docker
+def test_registry_down_during_a_pull_backs_off_naming_the_pull_then_pulls_when_it_is_back(
+        tmp_path, docker_client, registry, python_inference_image, fault_proxy):
+    import uuid
+
+    path = f"berth-test/down-{uuid.uuid4().hex[:6]}"
+    docker_client.images.get(python_inference_image).tag(f"{registry}/{path}", "1")
+    docker_client.images.push(f"{registry}/{path}", "1")
+    docker_client.images.remove(f"{registry}/{path}:1")
+    host, port = registry.split(":")
+    proxy = fault_proxy(host, int(port))
+    proxy.faults.refuse = True
+    image = f"127.0.0.1:{proxy.port}/{path}:1"
+    agent = Agent(tmp_path).start()
+    name = unique("pull")
+    try:
+        spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 5}},
+                "containers": [{"image": image, "command": "python3 -m http.server 8000"}]}
+        assert agent.deploy(spec).returncode == 0
+        down = wait_state(agent, name, lambda s: s["instances"][0]["state"] == "BackOff", 60, "BackOff on the pull")
+        reason = down["instances"][0]["reason"]
+        assert "ErrImagePull" in reason and image in reason, reason
+        proxy.faults.refuse = False
+        wait_state(agent, name, lambda s: s["ready"] == 1, 90, "Ready once the registry is back")
+    finally:
+        agent.remove_all(docker_client)
+        agent.stop()
+        for tag in (image, f"{registry}/{path}:1"):
+            try:
+                docker_client.images.remove(tag)
+            except Exception:  # noqa: BLE001 - absent already
+                pass
