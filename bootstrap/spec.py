@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from bootstrap import units
+from bootstrap import cron, units
 
 REDACTED = "***"
 DEFAULT_PORT = 8000
@@ -55,7 +55,6 @@ NOT_ON_ONE_NODE: dict[str, dict[str, str]] = {
     "": {
         "cloud": "cluster placement",
         "networking": "cluster networking",
-        "autoscaler": "cluster autoscaling",
         "sinker": "request logging to EAS's sinks",
         "labels": "EAS's service labels",
         "unit": "EAS's unit placement",
@@ -67,7 +66,6 @@ NOT_ON_ONE_NODE: dict[str, dict[str, str]] = {
         "workspace_id": "PAI workspaces",
         "resource": "EAS's dedicated resource groups",
         "qos": "EAS's QoS classes",
-        "group": "EAS's service groups",
         "resource_burstable": "EAS's burstable resources",
         "gpu_memory": "GPU sharing, which berth does not do yet: each instance gets whole GPUs",
     },
@@ -122,6 +120,16 @@ class SpecModel(BaseModel):
 # --- metadata -------------------------------------------------------------------------------
 
 
+def check_name(value: str, what: str = "service") -> str:
+    """A service or group name: the same rule for both, since they share one URL space."""
+    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", value):
+        raise ValueError(
+            f"{value!r} is not a valid {what} name: start with a lowercase letter, then use "
+            "lowercase letters, digits, '-' or '_', 63 characters at most"
+        )
+    return value
+
+
 class Rpc(SpecModel):
     keepalive: int | None = Field(None, gt=0, description="request timeout in milliseconds")
     enable_sigterm: bool = False
@@ -165,16 +173,17 @@ class Metadata(SpecModel):
     rpc: Rpc = Field(default_factory=Rpc)
     rolling_strategy: RollingStrategy = Field(default_factory=RollingStrategy)
     eas: EasOptions = Field(default_factory=EasOptions)
+    group: str | None = Field(None, description="service group this service joins (weight 100 unless the group's file says)")
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", value):
-            raise ValueError(
-                f"{value!r} is not a valid service name: start with a lowercase letter, then use "
-                "lowercase letters, digits, '-' or '_', 63 characters at most"
-            )
-        return value
+        return check_name(value)
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        return None if value is None else check_name(value, "group")
 
     @property
     def memory_bytes(self) -> int | None:
@@ -452,6 +461,109 @@ class Runtime(SpecModel):
     enable_crash_block: bool = False
 
 
+# --- scaling ----------------------------------------------------------------------------------
+
+METRICS = ("qps", "concurrency", "cpu", "gpu[util]", "custom[NAME]")
+METRIC_SYNONYMS = {"concurrent_requests": "concurrency"}  # the seed's name
+_CUSTOM_METRIC = re.compile(r"custom\[([a-zA-Z_:][a-zA-Z0-9_:]*)\]")
+
+
+class ScaleStrategy(SpecModel):
+    metric_name: str = Field(alias="metricName", description="qps, concurrency, cpu, gpu[util] or custom[GAUGE]")
+    threshold: float = Field(gt=0, description="target per instance: req/s, requests in flight, percent, or the gauge's value")
+
+    @field_validator("metric_name")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        value = METRIC_SYNONYMS.get(value, value)
+        if value in METRICS[:-1] or _CUSTOM_METRIC.fullmatch(value):
+            return value
+        close = difflib.get_close_matches(value, list(METRICS[:-1]) + list(METRIC_SYNONYMS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown metric {value!r}; {hint}use one of {', '.join(METRICS)} (a gauge of the app's /metrics)")
+
+    @property
+    def custom_gauge(self) -> str | None:
+        """The gauge's name for custom[NAME], else None."""
+        match = _CUSTOM_METRIC.fullmatch(self.metric_name)
+        return match.group(1) if match else None
+
+
+class ScaleWindow(SpecModel):
+    stabilization_window_seconds: int = Field(alias="stabilizationWindowSeconds", ge=0, le=3600)
+
+
+class OnZero(SpecModel):
+    scale_down_grace_period_seconds: int = Field(600, alias="scaleDownGracePeriodSeconds", ge=0, le=86400)
+    scale_up_activation_replicas: int = Field(1, alias="scaleUpActivationReplicas", ge=1)
+
+
+class ScaleBehavior(SpecModel):
+    # EAS's defaults: up at once, down after 5 minutes of lower recommendations
+    scale_up: ScaleWindow = Field(default_factory=lambda: ScaleWindow(stabilizationWindowSeconds=0), alias="scaleUp")
+    scale_down: ScaleWindow = Field(default_factory=lambda: ScaleWindow(stabilizationWindowSeconds=300), alias="scaleDown")
+    on_zero: OnZero = Field(default_factory=OnZero, alias="onZero")
+
+
+class Autoscaler(SpecModel):
+    """EAS's `autoscaler`: instance count from metrics, between `min` and `max`."""
+
+    min: int = Field(1, ge=0, le=1000, description="fewest instances; 0 scales to zero when idle")
+    max: int = Field(ge=1, le=1000, description="most instances")
+    scale_strategies: list[ScaleStrategy] = Field(default_factory=list, alias="scaleStrategies")
+    # EAS's older form, {"qps": 10, "cpu": 80}: folded into scaleStrategies, never written back
+    strategies: dict[str, float] | None = Field(None, exclude=True)
+    behavior: ScaleBehavior = Field(default_factory=ScaleBehavior)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Autoscaler":
+        if self.strategies:
+            self.scale_strategies = self.scale_strategies + [
+                ScaleStrategy(metricName=name, threshold=threshold) for name, threshold in self.strategies.items()
+            ]
+            self.strategies = None
+        if not self.scale_strategies:
+            raise ValueError("give at least one strategy in scaleStrategies, e.g. [{\"metricName\": \"concurrency\", \"threshold\": 8}]")
+        names = [strategy.metric_name for strategy in self.scale_strategies]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each metric may appear once; found {', '.join(sorted(n for n in set(names) if names.count(n) > 1))} twice")
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class ScaleJob(SpecModel):
+    """One CronHPA job: at each firing of `Schedule`, the count (or the autoscaler's min) becomes TargetSize."""
+
+    name: str = Field(alias="Name", min_length=1, max_length=63)
+    schedule: Annotated[str, AfterValidator(cron.check)] = Field(alias="Schedule")
+    target_size: int = Field(alias="TargetSize", ge=0, le=1000)
+    time_zone: str | None = Field(None, alias="TimeZone", description="IANA name; UTC when absent")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        cron.zone(value)
+        return value
+
+
+class CronScaler(SpecModel):
+    """EAS's `cronscaler` (CronHPA's shape): scheduled instance counts."""
+
+    scale_jobs: list[ScaleJob] = Field(alias="ScaleJobs", min_length=1)
+    exclude_dates: list[Annotated[str, AfterValidator(cron.check)]] = Field(
+        default_factory=list, alias="ExcludeDates", description="cron expressions of days on which no job fires"
+    )
+
+    @field_validator("scale_jobs")
+    @classmethod
+    def _distinct(cls, value: list[ScaleJob]) -> list[ScaleJob]:
+        names = [job.name for job in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each job needs its own Name")
+        return value
+
+
 class ServiceSpec(SpecModel):
     metadata: Metadata
     containers: list[Container]
@@ -459,6 +571,8 @@ class ServiceSpec(SpecModel):
     features: Features = Field(default_factory=Features)
     warm_up_data_path: str | None = None
     runtime: Runtime = Field(default_factory=Runtime)
+    autoscaler: Autoscaler | None = None
+    cronscaler: CronScaler | None = None
     token: Secret | None = None
     docker_auth: Secret | None = Field(None, alias="dockerAuth")
 
@@ -543,32 +657,49 @@ def parse_spec(raw: Any, *, lenient: bool = False, source: str | None = None) ->
     Raises SpecError listing every problem with its JSON path. With `lenient`, unknown
     fields are warnings rather than errors (the bootstrap under a newer agent).
     """
-    if isinstance(raw, (str, bytes)):
-        raw = _loads(raw, source)
-    if not isinstance(raw, dict):
-        raise SpecError([SpecIssue("", f"the spec must be a JSON object, not {type(raw).__name__}")], source)
-    warnings: list[SpecIssue] = []
-    errors: list[SpecIssue] = []
-    cleaned = _screen_fields(ServiceSpec, raw, "", warnings, errors, lenient)
-    try:
-        spec = ServiceSpec.model_validate(cleaned)
-    except ValidationError as exc:
-        errors.extend(_issues_from(exc))
-        spec = None
-    if errors:
-        raise SpecError(errors, source, warnings)
-    assert spec is not None
+    spec, warnings = parse_document(ServiceSpec, raw, lenient=lenient, source=source)
     return ParsedSpec(spec, warnings)
 
 
 def load_spec_file(path: str | Path, *, lenient: bool = False) -> ParsedSpec:
     """Read and validate a spec file; errors name the file."""
-    path = Path(path)
+    return parse_spec(read_document(path), lenient=lenient, source=str(path))
+
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def parse_document(
+    model: type[M], raw: Any, *, lenient: bool = False, source: str | None = None, what: str = "spec"
+) -> tuple[M, list[SpecIssue]]:
+    """Validate a JSON document (a dict or JSON text) into `model`: the one way every berth file is read.
+
+    Returns the model and its warnings; raises SpecError naming each problem by JSON path.
+    """
+    if isinstance(raw, (str, bytes)):
+        raw = _loads(raw, source)
+    if not isinstance(raw, dict):
+        raise SpecError([SpecIssue("", f"the {what} must be a JSON object, not {type(raw).__name__}")], source)
+    warnings: list[SpecIssue] = []
+    errors: list[SpecIssue] = []
+    cleaned = _screen_fields(model, raw, "", warnings, errors, lenient)
     try:
-        text = path.read_text(encoding="utf-8")
+        parsed = model.model_validate(cleaned)
+    except ValidationError as exc:
+        errors.extend(_issues_from(exc))
+        parsed = None
+    if errors:
+        raise SpecError(errors, source, warnings)
+    assert parsed is not None
+    return parsed, warnings
+
+
+def read_document(path: str | Path) -> str:
+    """A file's text for parse_document; SpecError naming the file when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError([SpecIssue("", f"cannot read the file: {exc.strerror or exc}")], str(path)) from None
-    return parse_spec(text, lenient=lenient, source=str(path))
 
 
 def _loads(text: str | bytes, source: str | None) -> Any:

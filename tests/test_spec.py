@@ -120,7 +120,7 @@ def test_every_error_is_reported_at_once():
     raw = with_changes(**{"containers.0.port": 8080, "metadata.name": "X", "storage.0.mount_path": "rel", "bogus": 1})
     errors = errors_of(raw)
     assert len(errors) == 4
-    assert errors[0].startswith("bogus: unknown field; valid fields here: containers, dockerAuth, features")
+    assert errors[0].startswith("bogus: unknown field; valid fields here: autoscaler, containers, cronscaler, dockerAuth")
 
 
 def test_missing_parts_and_container_count():
@@ -135,7 +135,6 @@ def test_missing_parts_and_container_count():
 def test_cluster_only_eas_fields_are_accepted_with_a_warning_each():
     raw = with_changes(**{
         "cloud": {"computing": {"instance_type": "ecs.gn6i"}},
-        "autoscaler": {"min": 1, "max": 3},
         "metadata.workspace_id": "123",
         "metadata.gpu_memory": 8,
         "metadata.rpc": {"worker_threads": 4, "max_queue_size": 64},
@@ -144,7 +143,7 @@ def test_cluster_only_eas_fields_are_accepted_with_a_warning_each():
     parsed = parse_spec(raw)
     paths = sorted(warning.path for warning in parsed.warnings)
     assert paths == [
-        "autoscaler", "cloud", "features.eas.aliyun.com/gpu-driver-version",
+        "cloud", "features.eas.aliyun.com/gpu-driver-version",
         "metadata.gpu_memory", "metadata.rpc.worker_threads", "metadata.workspace_id",
     ]
     assert parsed.spec.metadata.rpc.max_queue_size == 64
