@@ -507,13 +507,18 @@ class Supervisor:
                 raise
             except Exception as exc:  # noqa: BLE001 - an instance must never die silently
                 log.exception("instance %s: unexpected error", inst.id)
-                # Failed only when its processes are gone: a running one is supervised again.
-                running = inst.handle is not None and await asyncio.to_thread(self.runtime.inspect, inst.handle.id)
-                if not (running and running.running):
+                # Failed only when its processes are gone: one that runs, or that the runtime cannot
+                # tell about now (an engine restarting), is supervised again.
+                try:
+                    handle = inst.handle and await asyncio.to_thread(self.runtime.inspect, inst.handle.id)
+                    gone = handle is None or not handle.running
+                except Exception:  # noqa: BLE001 - the runtime itself is unreachable
+                    gone = False
+                if gone:
                     self._set(inst, State.FAILED, f"agent error: {exc}")
                     return
                 inst.ready = False
-                self._set(inst, State.UNHEALTHY, f"agent error: {exc}; it still runs: supervised again")
+                self._set(inst, State.UNHEALTHY, f"agent error: {exc}; supervised again")
                 await asyncio.sleep(self.config.timings.backoff_initial_s)
 
     async def _launch(self, inst: Instance) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,6 @@ def test_agent_kill9_mid_rollout_resumes_after_restart_without_duplicates_or_orp
 @pytest.mark.docker
 def test_registry_down_during_a_pull_backs_off_naming_the_pull_then_pulls_when_it_is_back(
         tmp_path, docker_client, registry, python_inference_image, fault_proxy):
-    import uuid
-
     path = f"berth-test/down-{uuid.uuid4().hex[:6]}"
     docker_client.images.get(python_inference_image).tag(f"{registry}/{path}", "1")
     docker_client.images.push(f"{registry}/{path}", "1")
@@ -186,3 +185,128 @@ def test_registry_down_during_a_pull_backs_off_naming_the_pull_then_pulls_when_i
                 docker_client.images.remove(tag)
             except Exception:  # noqa: BLE001 - absent already
                 pass
+
+
+# --- dockerd restarted under the agent: a second engine of the test's own, never the suite's ----
+
+class OwnEngine:
+    """A dockerd of this test's own: its socket, data root, exec root and pidfile under one short
+    directory, a bridge of its own and no iptables rules (instances use the host network).
+    Stopped by its PID; the bridge and the directory (and anything mounted under it) removed at
+    the end. Never `--bridge none`: dockerd then deletes docker0, the suite engine's bridge."""
+
+    def __init__(self) -> None:
+        import shutil
+        import tempfile
+
+        if shutil.which("dockerd") is None:
+            unavailable("dockerd", "not installed (apt-get install docker.io)")
+        self.root = Path(tempfile.mkdtemp(prefix="bdd-", dir="/tmp"))  # short: containerd's socket path has a limit
+        self.socket = self.root / "d.sock"
+        self.process: subprocess.Popen | None = None
+        self.bridge = "bdd" + uuid.uuid4().hex[:8]
+        subnet = 100 + uuid.uuid4().int % 150
+        for command in (["ip", "link", "add", self.bridge, "type", "bridge"],
+                        ["ip", "addr", "add", f"10.213.{subnet}.1/24", "dev", self.bridge]):
+            made = subprocess.run(command, capture_output=True, text=True)
+            if made.returncode != 0:
+                self.remove()
+                unavailable("a bridge of the test's own (root)", made.stderr.strip())
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> "docker.DockerClient":  # noqa: F821
+        import docker
+
+        log = open(self.root / "dockerd.log", "ab")
+        self.process = subprocess.Popen(
+            ["dockerd", "--host", self.host, "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "x"),
+             "--pidfile", str(self.root / "d.pid"), "--bridge", self.bridge, "--iptables=false", "--ip6tables=false",
+             "--ip-forward=false", "--ip-masq=false"],
+            stdout=log, stderr=log, start_new_session=True)
+        clients = []
+
+        def answers() -> bool:
+            try:
+                clients.append(docker.DockerClient(base_url=self.host, timeout=120))
+                return True
+            except Exception:  # noqa: BLE001 - not up yet
+                return self.process.poll() is not None
+
+        wait_until(answers, 60, "the test's own dockerd")
+        assert self.process.poll() is None and clients, (self.root / "dockerd.log").read_text()[-2000:]
+        return clients[-1]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def remove(self) -> None:
+        import shutil
+
+        self.stop()
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(self.root))]
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
+
+
+@pytest.mark.docker
+def test_dockerd_restarted_under_running_instances_restores_each_services_count_without_duplicates(
+        tmp_path, docker_client, registry, python_inference_image):
+    bridges_before = Path("/sys/class/net/docker0").exists()
+    path = f"berth-test/engine-{uuid.uuid4().hex[:6]}"
+    image = f"{registry}/{path}:1"
+    docker_client.images.get(python_inference_image).tag(f"{registry}/{path}", "1")
+    docker_client.images.push(f"{registry}/{path}", "1")
+    docker_client.images.remove(image)
+    engine = OwnEngine()
+    agent = None
+    try:
+        own = engine.start()
+        own.images.pull(f"{registry}/{path}", "1")
+        agent = Agent(tmp_path, network="host").start(env={"DOCKER_HOST": engine.host})
+        names = [unique("eng"), unique("eng")]
+        for name in names:
+            port = free_port()
+            spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 5}},
+                    "containers": [{"image": image, "port": port,
+                                    "command": f"python3 -m http.server {port} --bind 127.0.0.1"}]}
+            result = agent.deploy(spec, "--wait", "--timeout", "120")
+            assert result.returncode == 0, result.stderr
+        before = {name: agent.service(name)["instances"][0]["runtime_id"] for name in names}
+
+        engine.stop()  # no live-restore: its containers die with it
+        own = engine.start()
+        back = time.monotonic()
+        for name in names:
+            wait_state(agent, name, lambda s: s["instances"][0]["runtime_id"] != before[name] or not s["instances"][0]["ready"],
+                       5, "the agent noticing the restart within 5 s")
+        for name in names:
+            wait_state(agent, name, lambda s: s["ready"] == 1, 90, "the service restored")
+        assert time.monotonic() - back < 90
+        for name in names:
+            running = own.containers.list(filters={"label": f"berth.service={name}", "status": "running"})
+            assert len(running) == 1, f"{name}: {len(running)} running instances"
+            assert agent.service(name)["instances"][0]["state"] == "Ready"
+    finally:
+        if agent is not None:
+            try:
+                agent.remove_all(docker_client)
+            finally:
+                agent.stop()
+        engine.remove()
+        try:
+            docker_client.images.remove(image)
+        except Exception:  # noqa: BLE001 - absent already
+            pass
+    assert Path("/sys/class/net/docker0").exists() or not bridges_before, "the suite engine's bridge was touched"

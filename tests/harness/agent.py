@@ -44,9 +44,10 @@ class Agent:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, *flags: str) -> "Agent":
+    def start(self, *flags: str, env: dict[str, str] | None = None) -> "Agent":
         log = open(self.root / "agent.log", "ab")
         self.process = subprocess.Popen([*BERTH, "agent", "--config", str(self.config_path), *flags], stdout=log, stderr=log,
+                                        env={**os.environ, **(env or {})},
                                         start_new_session=True)
         wait_until(lambda: self._healthy() or self.process.poll() is not None, 30, "agent start")
         assert self.process.poll() is None, (self.root / "agent.log").read_text()[-3000:]
