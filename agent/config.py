@@ -40,6 +40,7 @@ class Timings(_Model):
     backoff_reset_s: float = Field(600, ge=0, description="healthy time after which the delay starts over (kubelet)")
     stray_grace_s: float = Field(300, ge=0, description="age before an unknown berth container is removed (Nomad)")
     reaper_period_s: float = Field(300, gt=0, description="how often strays are looked for (Nomad)")
+    state_check_period_s: float = Field(5, gt=0, description="how often the agent checks its state database is still on disk")
     # Nomad's 5 min overall pull timeout is too short for 20 GB LLM images on a slow link; the
     # stall timeout catches a dead pull anyway.
     pull_stall_timeout_s: float = Field(120, gt=0, description="no pull progress for this long aborts the pull (Nomad)")

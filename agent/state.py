@@ -82,6 +82,7 @@ class StateError(Exception):
 
 class Store:
     def __init__(self, path: Path) -> None:
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
@@ -102,6 +103,26 @@ class Store:
             raise StateError(f"the state database {path} is unreadable or corrupt ({exc}): move it aside and "
                              f"{RECOVER_HINT}") from None
         self._lock = threading.Lock()
+        self._identity = _identity(path)
+
+    def write_back_if_deleted(self) -> bool:
+        """The file was deleted under the running agent (SQLite goes on with the unlinked file,
+        and the next start would find nothing): write the open database back to its path and
+        use that. True when it did."""
+        if _identity(self.path) is not None:
+            return False  # there (a file put in its place is the operator's: left alone)
+        copy = self.path.with_name(self.path.name + ".restoring")
+        with self._lock:
+            copy.unlink(missing_ok=True)
+            self._db.execute("VACUUM INTO ?", (str(copy),))
+            os.chmod(copy, 0o600)
+            os.replace(copy, self.path)
+            self._db.close()
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._identity = _identity(self.path)
+        return True
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -186,6 +207,14 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def recover_from_runtime(store: Store, handles: Iterable[Handle]) -> list[str]:

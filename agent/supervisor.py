@@ -178,7 +178,8 @@ class Supervisor:
         log.info("runtime %s: %d instance(s) found, %d adopted in %.2f s; GPUs from %s", self.runtime.name, len(handles),
                  adopted, time.monotonic() - started, self.gpus.inventory.describe())
         timings = self.config.timings
-        for period, housekeeping in ((timings.reaper_period_s, self.reap_strays),
+        for period, housekeeping in ((timings.state_check_period_s, self.keep_state_database),
+                                     (timings.reaper_period_s, self.reap_strays),
                                      (timings.eviction_period_s, self.evict_over_disk_limit),
                                      (timings.gpu_check_period_s, self.check_gpus),
                                      (timings.image_gc_period_s, self.collect_images)):
@@ -818,6 +819,13 @@ class Supervisor:
             names = ", ".join(", ".join(image.references) or image.image_id[:19] for image in result.removed)
             self._event("ImagesCollected", f"image filesystem {result.usage.percent:.0f}% used: removed {names} "
                                            f"({result.freed_bytes} bytes)")
+
+    async def keep_state_database(self) -> None:
+        """A state database deleted under the running agent is written back at once (see Store)."""
+        if await asyncio.to_thread(self.store.write_back_if_deleted):
+            log.error("the state database %s was deleted while the agent ran: written back from the open copy",
+                      self.store.path)
+            self._event("StateRestored", f"{self.store.path} was deleted while the agent ran; written back")
 
     async def reap_strays(self) -> None:
         """Remove berth instances no service wants, once older than the stray grace (Nomad's reaper)."""

@@ -12,7 +12,7 @@ import time
 import psutil
 import requests
 
-from tests.harness.agent import Agent, unique, wait_state
+from tests.harness.agent import TIMINGS, Agent, unique, wait_state
 from tests.harness.parts import free_port, wait_until
 
 
@@ -235,5 +235,22 @@ def test_process_runtime_logs_rotate_like_json_file(tmp_path):
         assert sum(path.stat().st_size for path in files) <= max_files * max_size * 2
         logs = agent.cli("logs", name, "--tail", str(2000 * max_files)).stdout
         assert "line 40000 of a chatty service" in logs
+    finally:
+        _remove_everything(agent)
+
+
+def test_a_state_database_deleted_under_the_running_agent_is_written_back(tmp_path):
+    agent = Agent(tmp_path, runtime="process", timings={**TIMINGS, "state_check_period_s": 0.5}).start()
+    name = unique("kept")
+    try:
+        assert agent.deploy(http_service(name), "--wait").returncode == 0
+        pid = _boot_pid(agent, name)
+        for suffix in ("", "-wal", "-shm"):
+            (agent.state_dir / f"state.db{suffix}").unlink(missing_ok=True)
+        wait_until(lambda: (agent.state_dir / "state.db").exists(), 10, "the database written back")
+        agent.stop()
+        agent.start()  # the next start finds the service and adopts its instance
+        after = wait_state(agent, name, lambda s: s["ready"] == 1, 30, "adopted after the restart")
+        assert after["instances"][0]["restarts"] == 0 and _boot_pid(agent, name) == pid and _running(pid)
     finally:
         _remove_everything(agent)
