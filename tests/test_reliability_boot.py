@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -93,3 +94,18 @@ def test_a_listener_outside_the_childs_tree_never_makes_it_ready(tmp_path):
         boot.close()
         if stranger is not None:
             stranger.close()
+
+
+def test_the_leftover_scan_finds_this_runs_processes_and_never_another_runs():
+    from tests.conftest import RUN_MARKER, _leftovers
+
+    ours = subprocess.Popen(["sleep", "30"])  # inherits this run's marker
+    theirs = subprocess.Popen(["sleep", "30"], env={**os.environ, RUN_MARKER: "another-run"})
+    try:
+        found = _leftovers(os.environ[RUN_MARKER])
+        assert ours.pid in found and "sleep 30" in found[ours.pid]
+        assert theirs.pid not in found
+    finally:
+        for process in (ours, theirs):
+            process.kill()
+            process.wait()
