@@ -123,7 +123,10 @@ class Child:
         except BaseException:
             os.close(watchdog_fd)  # no pgid was sent: the watchdog exits without killing anything
             raise
-        os.write(watchdog_fd, f"{process.pid}\n".encode())
+        try:
+            os.write(watchdog_fd, f"{process.pid}\n".encode())
+        except OSError as exc:  # it died at once: run on, but say what is no longer guaranteed
+            log.warning("the watchdog is not running (%s): the child would outlive a SIGKILL of berth boot", exc)
         log.info("launched pid %d: %s", process.pid, " ".join(argv))
         child = cls(process, asyncio.get_running_loop())
         child._watchdog_fd = watchdog_fd
