@@ -128,19 +128,20 @@ def test_agent_kill9_mid_rollout_resumes_after_restart_without_duplicates_or_orp
         assert agent.deploy(_versioned(name, port, "1"), "--wait").returncode == 0
         update = agent.api("PUT", f"/v1/services/{name}", data=json.dumps(_versioned(name, port, "2", start_delay=3)))
         assert update.status_code == 202, update.text
-        wait_state(agent, name, lambda s: any(i["revision"] == s["revision"] and i["state"] == "Starting"
-                                              for i in s["instances"]), 30, "the new revision starting")
+        # Killed once the new revision's process runs and is being probed (its record written).
+        wait_state(agent, name, lambda s: any(i["revision"] == s["revision"] and i["reason"] == "waiting for /ready"
+                                              for i in s["instances"]), 60, "the new revision starting")
         agent.kill9()
         agent.start()
         # Resumed: every instance on the new revision and Ready, no rollout left under way (a
         # restarted agent may find the new instance already running and simply adopt it).
         done = wait_state(agent, name, lambda s: s["ready"] == 1 and (s["rollout"] or {}).get("state") in (None, "Complete")
-                          and all(i["revision"] == s["revision"] for i in s["instances"]), 60, "the rollout resumed")
+                          and all(i["revision"] == s["revision"] for i in s["instances"]), 120, "the rollout resumed")
         assert [inst["revision"] for inst in done["instances"]] == [done["revision"]]
         def apps() -> list:
             return [p for p in _service_processes(name) if p.cmdline()[1:3] == ["-m", "http.server"]]
 
-        wait_until(lambda: len(apps()) == 1, 10, "exactly one app process")
+        wait_until(lambda: len(apps()) == 1, 30, "exactly one app process")
         boots = [p for p in _service_processes(name) if "bootstrap.cli" in " ".join(p.cmdline())]
         assert len(boots) == 1, [p.cmdline() for p in boots]
         apps = apps()
