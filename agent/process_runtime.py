@@ -10,8 +10,7 @@ from the status file `berth boot` writes (BERTH_STATUS_FILE).
 Each instance's output goes to `logs/<name>.log`, rotated like Docker's json-file (the
 operator's log_max_size_bytes and log_max_files). The virtualenv is built aside and renamed
 into place once complete, so a kill or a full disk mid-way never leaves a half-made one.
-`remove` deletes an instance's logs and secrets; `remove_service` its virtualenv and the
-links and directories its mounts made on the host.
+`remove` deletes an instance's logs too; `remove_service` the service's virtualenv.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ import psutil
 
 from agent import logs as log_files
 from agent.config import AgentConfig
-from agent.runtime import ExitInfo, Handle, LaunchError, LaunchRequest
+from agent.launch import service_root
+from agent.runtime import LABEL_SERVICE, ExitInfo, Handle, LaunchError, LaunchRequest
 
 log = logging.getLogger("berth.agent.process")
 
@@ -43,7 +43,8 @@ LIMITATIONS = [
     "shm_size is not applied: instances share the host's /dev/shm",
     "GPU isolation is by CUDA_VISIBLE_DEVICES only",
     "the image is not used: berth and the service's command must exist on this host",
-    "storage: local paths are linked at their mount path, nfs is not mounted",
+    "storage: mount paths must lie under <state_dir>/mounts/SERVICE (or a process_mount_roots entry); local paths "
+    "are linked there, so readOnly is not enforced; nfs is not mounted",
     "the system-disk limit (extra-ephemeral-storage) is neither enforced nor measured",
     "a lost GPU is not detected (no in-container check)",
 ]
@@ -60,8 +61,7 @@ class ProcessRuntime:
         self._records = config.state_dir / "processes"
         self._logs = config.state_dir / "logs"
         self._venvs = config.state_dir / "venvs"
-        self._made = config.state_dir / "made"  # per service: host paths its mounts created
-        for folder in (self._records, self._logs, self._venvs, self._made):
+        for folder in (self._records, self._logs, self._venvs):
             folder.mkdir(parents=True, exist_ok=True)
         self._children: dict[str, subprocess.Popen] = {}  # started by this agent: reaped here
         self._lock = threading.Lock()
@@ -84,7 +84,7 @@ class ProcessRuntime:
         status_path = self._records / f"{request.name}.status.json"
         status_path.unlink(missing_ok=True)
         env["BERTH_STATUS_FILE"] = str(status_path)
-        with open(log_path, "ab") as output:
+        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as output:
             try:
                 child = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, cwd=self._config.state_dir)
@@ -96,7 +96,8 @@ class ProcessRuntime:
             "id": request.name, "pid": child.pid, "create_time": psutil.Process(child.pid).create_time(),
             "labels": request.labels, "host_ip": request.host_ip, "proxy_port": request.proxy_port,
             "admin_port": request.admin_port, "app_port": None if request.proxy else request.app_port,
-            "log": str(log_path), "status": str(status_path),
+            "log": str(log_path), "status": str(status_path), "root": service_root(self._config, request.service),
+            "storage_paths": list(request.storage_paths),
         }
         self._record_path(request.name).write_text(json.dumps(record))
         return self._handle(record)
@@ -131,18 +132,14 @@ class ProcessRuntime:
         return str(python)
 
     def _prepare_mounts(self, request: LaunchRequest) -> None:
-        made: list[str] = []
+        Path(service_root(self._config, request.service)).mkdir(parents=True, exist_ok=True, mode=0o700)
         for mount in request.mounts:
             target = Path(mount.target)
             if mount.kind == "bind" and mount.source and not target.exists() and mount.source != mount.target:
-                made += _missing_top(target.parent)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.symlink_to(mount.source)
-                made.append(str(target))
             elif mount.kind in ("volume", "tmpfs"):
-                made += _missing_top(target)
                 target.mkdir(parents=True, exist_ok=True)
-        self._remember_made(request.service, made)
         for target, content in request.secret_files.items():
             path = self._config.state_dir / "secrets" / request.name / Path(target).name
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -151,7 +148,8 @@ class ProcessRuntime:
                 handle.write(content)
 
     def _environment(self, request: LaunchRequest, bin_dir: Path) -> dict[str, str]:
-        env = {key: os.environ[key] for key in ("HOME", "LANG", "TZ", "SSL_CERT_FILE") if key in os.environ}
+        # PYTHONPATH: the instance runs the same berth as the agent (a checkout on PYTHONPATH included).
+        env = {key: os.environ[key] for key in ("HOME", "LANG", "TZ", "SSL_CERT_FILE", "PYTHONPATH") if key in os.environ}
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
         env.update(request.env)
         env["BERTH_ADMIN_PORT"] = str(request.admin_port)
@@ -159,31 +157,16 @@ class ProcessRuntime:
             env["BERTH_PROXY_PORT"] = str(request.proxy_port)
         if request.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(request.gpus)
-        if "BERTH_SERVICE_TOKEN_FILE" in env:
-            env["BERTH_SERVICE_TOKEN_FILE"] = str(self._config.state_dir / "secrets" / request.name / "token")
+        env["BERTH_LISTEN_HOST"] = request.host_ip
+        # Files the request places at container paths (token, a large spec) live under the state directory here.
+        for target in request.secret_files:
+            local = str(self._config.state_dir / "secrets" / request.name / Path(target).name)
+            env.update({name: local for name, value in env.items() if value == target})
         return env
 
-    def _remember_made(self, service: str, made: list[str]) -> None:
-        if not made:
-            return
-        path = self._made / f"{service}.json"
-        known = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(sorted(set(known) | set(made))))
-
     def remove_service(self, service: str) -> None:
-        """What deploy made for the service and no instance needs any more: its virtualenv, and
-        the host links and directories its mounts created (deepest first)."""
+        """What deploy made for the service beyond its instances: its virtualenv."""
         shutil.rmtree(self._venvs / service, ignore_errors=True)
-        path = self._made / f"{service}.json"
-        if not path.exists():
-            return
-        for made in sorted(json.loads(path.read_text()), key=len, reverse=True):
-            target = Path(made)
-            if target.is_symlink():
-                target.unlink()
-            elif target.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-        path.unlink()
 
     def _record_path(self, instance_id: str) -> Path:
         return self._records / f"{instance_id}.json"
@@ -271,12 +254,39 @@ class ProcessRuntime:
         record = self._read(instance_id)
         if record is not None:
             self.stop(instance_id, 0)
+            # The directory is the service's: a stray's removal must not pull it from under a live instance.
+            if not any(other.id != instance_id and other.running and other.service == record["labels"].get(LABEL_SERVICE)
+                       for other in self.list()):
+                self._undo_storage(record)
+            shutil.rmtree(self._config.state_dir / "secrets" / instance_id, ignore_errors=True)
             for path in (self._record_path(instance_id), Path(record["status"]),
                          *log_files.rotated(Path(record["log"]), self._config.log_max_files)):
                 path.unlink(missing_ok=True)
-            shutil.rmtree(self._config.state_dir / "secrets" / instance_id, ignore_errors=True)
         with self._lock:
             self._children.pop(instance_id, None)
+
+    @staticmethod
+    def _undo_storage(record: dict) -> None:
+        """Undo what the instance and its `berth boot` placed: mounts (a tmpfs, a bind, FUSE), links, directories.
+
+        Never a recursive delete through a mount: the tree is removed only once nothing is mounted in it.
+        """
+        root = record.get("root")
+        paths = [path for path in record.get("storage_paths", []) if not (root and _within(path, root))]
+        for mount_point in sorted(_mounts_under([root, *paths] if root else paths), key=len, reverse=True):
+            result = subprocess.run(["umount", "-l", mount_point], capture_output=True, text=True)
+            if result.returncode != 0:
+                log.warning("storage %s: cannot unmount: %s", mount_point, result.stderr.strip())
+        for path in map(Path, paths):  # under an operator's root: only what the instance made
+            if path.is_symlink():
+                path.unlink()
+            elif path.is_dir() and not os.path.ismount(path) and not any(path.iterdir()):
+                path.rmdir()
+        if root and Path(root).exists():
+            if _mounts_under([root]):
+                log.warning("storage %s: still mounted; left in place", root)
+            else:
+                shutil.rmtree(root, ignore_errors=True)
 
     def logs(self, instance_id: str, *, tail: int | None, follow: bool) -> Iterator[bytes]:
         record = self._read(instance_id)
@@ -319,6 +329,19 @@ class ProcessRuntime:
     def disk_usage(self, instance_id: str, empty_dir_paths: list[str]) -> None:
         return None  # see LIMITATIONS
 
+    def instance_of_pid(self, pid: int) -> str | None:
+        """Each instance runs in its own session, led by the recorded process: a PID belongs to
+        the record whose pid is its session id."""
+        try:
+            session = os.getsid(pid)
+        except OSError:
+            return None
+        for path in self._records.glob("*.json"):
+            record = None if path.name.endswith(".status.json") else self._read(path.stem)
+            if record is not None and record["pid"] == session and self._alive(record):
+                return record["id"]
+        return None
+
     def check_gpus(self, instance_id: str, uuids: list[str]) -> None:
         return None  # see LIMITATIONS
 
@@ -329,9 +352,15 @@ class ProcessRuntime:
         return None
 
 
-def _missing_top(path: Path) -> list[str]:
-    """The topmost of `path` and its ancestors that does not exist yet (what mkdir -p would create)."""
-    top = None
-    while not path.exists():
-        top, path = path, path.parent
-    return [str(top)] if top is not None else []
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _mounts_under(roots: list[str]) -> list[str]:
+    """Mount points at or under any of `roots`, from this process's mount table."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = [line.split()[4].encode().decode("unicode_escape") for line in lines]
+    return [point for point in points if any(_within(point, root) for root in roots)]

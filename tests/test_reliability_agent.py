@@ -190,7 +190,8 @@ def test_state_disk_full_answers_json_keeps_instances_supervised_and_removal_fin
 def test_a_half_made_virtualenv_is_made_again_and_rm_removes_what_deploy_made(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
-    agent = Agent(tmp_path, runtime="process", allow_host_paths=[str(shared)])
+    agent = Agent(tmp_path, runtime="process", allow_host_paths=[str(shared)],
+                  process_mount_roots=[str(tmp_path / "mounts"), str(tmp_path / "scratch")])
     name = unique("venv")
     link = tmp_path / "mounts" / name / "data"
     scratch = tmp_path / "scratch" / name / "tmp"
@@ -211,7 +212,7 @@ def test_a_half_made_virtualenv_is_made_again_and_rm_removes_what_deploy_made(tm
         assert agent.cli("rm", name).returncode == 0
         assert not half.exists(), "rm left the service's virtualenv"
         assert not list((agent.state_dir / "logs").glob(f"berth-{name}-*")), "rm left its logs"
-        assert not (tmp_path / "mounts" / name).exists() and not (tmp_path / "scratch" / name).exists()
+        assert not link.is_symlink() and not scratch.exists(), "rm left the host link or directory it made"
         assert shared.is_dir(), "rm must never remove a host path it did not make"
         assert not list((agent.state_dir / "venvs").glob(".*building*"))
     finally:
