@@ -101,7 +101,7 @@ class Lean(asyncio.Protocol):
         upstream = await self.pool.request("GET", url, headers + [(b"X-Forwarded-For", b"127.0.0.1")], None)
         body = await upstream.read()
         upstream.release()
-        head = [b"HTTP/1.1 %d %s\\r\\n" % (upstream.status, upstream.reason.encode())]
+        head = [b"HTTP/1.1 %d %s\\r\\n" % (upstream.status, upstream.reason)]
         head += [b"%s: %s\\r\\n" % pair for pair in upstream.headers if pair[0].lower() not in (b"connection", b"content-length")]
         if not self.transport.is_closing():  # h2load closes its connections mid-request at the end
             self.transport.write(b"".join(head) + b"Content-Length: %d\\r\\n\\r\\n" % len(body) + body)

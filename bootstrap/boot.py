@@ -30,7 +30,7 @@ from serving.admin import admin_app, start_admin
 from serving.engine import Engine
 from serving import timeouts
 from serving.metrics import Metrics
-from serving.proxy import ProxyConfig, build_chain, start_server, upstream_session
+from serving.proxy import ProxyConfig, build_chain, start_server, upstream_pool
 from serving.state import BootState, State
 
 log = logging.getLogger("berth.boot")
@@ -352,14 +352,14 @@ class Boot:
         runner = await start_admin(admin_app(self.state, self.metrics, config.engine, config.app_port), config.host, config.admin_port)
         self._closers.append(runner.cleanup)
         if config.proxy is not None:
-            session = upstream_session(config.proxy)
-            chain = build_chain(self.state, config.proxy, self.metrics, session)
-            server, listener = await start_server(chain, config.host, config.proxy_port, header_timeout=config.proxy.header_timeout)
+            pool = upstream_pool(config.proxy)
+            chain = build_chain(self.state, config.proxy, self.metrics, pool)
+            server, listener = await start_server(chain, config.host, config.proxy_port, config.proxy.server_limits, self.metrics)
 
             async def close_proxy() -> None:
                 listener.close()
                 await server.shutdown(1.0)
-                await session.close()
+                await pool.close()
 
             self._closers.insert(0, close_proxy)
         log.info(
