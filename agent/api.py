@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent.supervisor import Conflict, Supervisor
+from bootstrap.group import parse_group
 from bootstrap.spec import SpecError, SpecIssue, parse_spec
 
 
@@ -157,7 +158,83 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
             "engine": info.get("engine"), "cpu": {"count": psutil.cpu_count(), "load": os.getloadavg()},
             "memory": {"total": memory.total, "available": memory.available}, "disks": disks,
             "images": info.get("images", []), "gpus": await asyncio.to_thread(gpus_view), "time": time.time(),
+            "gateway": {"mode": supervisor.config.gateway, "url": routes.gateway_url, "admin_url": routes.gateway_admin_url,
+                        "routes_version": routes.version, "acked_version": routes.acked},
         }
+
+    # --- the gateway's routes and the service groups ------------------------------------------
+
+    routes = supervisor.routes
+
+    @app.get("/v1/routes", dependencies=auth)
+    async def route_table(watch: bool = False) -> Response:
+        """Every service's Ready instances and token, and every group: the gateway's table.
+        With watch=1, a stream of whole tables (one JSON per line), each with a higher version."""
+        if not watch:
+            return JSONResponse(routes.table())
+
+        async def tables() -> AsyncIterator[bytes]:
+            async for table in routes.watch():
+                yield (json.dumps(table) + "\n").encode()
+
+        return StreamingResponse(tables(), media_type="application/x-ndjson")
+
+    @app.post("/v1/gateway/ack", dependencies=auth)
+    async def gateway_ack(request: Request) -> dict:
+        """The gateway applied table `version` (the agent waits for this before stopping an instance)."""
+        try:
+            version = json.loads(await request.body())["version"]
+        except (ValueError, KeyError, TypeError):
+            version = None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise HTTPException(422, 'send {"version": N}, N the version of the table applied')
+        routes.ack(version)
+        return {"acked": routes.acked}
+
+    def group_view(name: str) -> dict[str, Any]:
+        group = routes.groups.get(name)
+        table = routes.table()["groups"].get(name)
+        configured = {}
+        if table is not None:
+            shares = {}
+            for route in table["routes"]:
+                if "match" not in route:
+                    shares[route["service"]] = shares.get(route["service"], 0) + route.get("weight", 100)
+            total = sum(shares.values()) or 1
+            configured = {service: round(100 * share / total, 1) for service, share in shares.items()}
+        return {"name": name, "file": group.to_json_dict() if group else None, "members": routes.members(name),
+                "routes": [{k: v for k, v in route.items()} for route in table["routes"]] if table else [],
+                "configured_split_percent": configured, "serving": table is not None,
+                "gateway_url": f"{routes.gateway_url}/api/predict/{name}" if routes.gateway_url else None,
+                "gateway_admin_url": routes.gateway_admin_url}
+
+    @app.put("/v1/groups/{name}", dependencies=auth)
+    async def put_group(name: str, request: Request) -> JSONResponse:
+        """Create or change a service group (its file); new requests follow within 1 s."""
+        group, warnings = parse_group(await request.body(), source="request body")
+        if group.name != name:
+            raise SpecError([SpecIssue("name", f"{group.name!r} differs from the group in the URL, {name!r}")])
+        created = routes.apply_group(group)
+        view = group_view(name)
+        view["warnings"] = [{"path": w.path, "message": w.message} for w in warnings]
+        return JSONResponse(view, status_code=201 if created else 200)
+
+    @app.get("/v1/groups", dependencies=auth)
+    async def list_groups() -> list[dict]:
+        names = set(routes.groups) | {svc.spec.metadata.group for svc in supervisor.services.values() if svc.spec.metadata.group}
+        return [group_view(name) for name in sorted(names)]
+
+    @app.get("/v1/groups/{name}", dependencies=auth)
+    async def get_group(name: str) -> dict:
+        if name not in routes.groups and not routes.members(name):
+            raise HTTPException(404, f"no service group named {name!r} on this node (`berth group ls` lists them)")
+        return group_view(name)
+
+    @app.delete("/v1/groups/{name}", dependencies=auth)
+    async def delete_group(name: str) -> dict:
+        if not routes.remove_group(name):
+            raise HTTPException(404, f"no service group file named {name!r} on this node")
+        return {"name": name, "deleted": True}
 
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> PlainTextResponse:

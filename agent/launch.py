@@ -86,6 +86,9 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
     env = {**config.env, **container.env_dict()}
     env["BERTH_SPEC"] = json.dumps(spec.to_json_dict(reveal_secrets=True, exclude_secrets=True))
     env["BERTH_CACHE_DIR"] = str(config.cache_dir)
+    if config.gateway != "off":
+        # The gateway stops sending before SIGTERM (the drain order): 1 s is for direct clients.
+        env.setdefault("BERTH_DRAIN_DELAY", "1")
     secret_files: dict[str, bytes] = {}
     if spec.token is not None:
         secret_files[TOKEN_PATH] = spec.token.get_secret_value().encode()

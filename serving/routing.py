@@ -155,6 +155,8 @@ def parse_table(raw: Mapping[str, Any], known: Mapping[tuple[str, str, int], Bac
         for index, route in enumerate(spec.routes):
             if route.service not in services:
                 raise TableError(f"groups.{name}.routes[{index}].service: no service named {route.service!r}")
+            if services[route.service].token is not None and spec.token is None:
+                raise TableError(f"groups.{name}.token: member {route.service!r} has a token, so the group needs one")
         groups[name] = Group(name, _token(spec.token.get_secret_value() if spec.token else None), spec)
     return RouteTable(entry.version, services, groups)
 

@@ -30,7 +30,7 @@ class Agent:
         self.config_path = root / "agent.json"
         self.config_path.write_text(json.dumps({
             "listen": f"127.0.0.1:{self.port}", "state_dir": str(self.state_dir), "cache_dir": str(root / "cache"),
-            "runtime": "docker", "env": {"BERTH_DRAIN_DELAY": "0"}, "timings": TIMINGS, **config,
+            "runtime": "docker", "env": {"BERTH_DRAIN_DELAY": "0"}, "timings": TIMINGS, "gateway": "off", **config,
         }))
         self.process: subprocess.Popen | None = None
 
@@ -61,6 +61,11 @@ class Agent:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
+        if (self.state_dir / "gateway.pid").exists():  # the gateway outlives its agent: stop it too
+            subprocess.run([*BERTH, "gateway", "stop", "--state-dir", str(self.state_dir)], capture_output=True, timeout=60)
+
+    def gateway_url(self) -> str:
+        return json.loads((self.state_dir / "gateway.json").read_text())["url"]
 
     def cli(self, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
         environ = {**os.environ, "BERTH_AGENT_URL": self.url, "BERTH_STATE_DIR": str(self.state_dir), **env}
