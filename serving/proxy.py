@@ -127,7 +127,9 @@ class Timeout:
         except asyncio.CancelledError:
             if not request.expired or request.response_started is not None:
                 raise  # the client left, or the answer had started: the server cuts the connection
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):  # Python 3.11+: this cancel is handled, not pending
+                task.uncancel()
             return reject(self.metrics, 504, f"the service did not answer within {self.seconds:g} s")
 
 
@@ -162,19 +164,18 @@ class Limits:
 
 
 class Auth:
-    """With a service token: `Authorization: <token>` or `Bearer <token>`, else 401.
+    """The service token: `Authorization: <token>` or `Bearer <token>`, else 401 (in the
+    chain only when a token is set).
 
     Exactly one Authorization header (two: 400), compared as bytes (any encoding is a wrong
     token, not an error); the checked header is not passed on to the child.
     """
 
-    def __init__(self, token: str | None, metrics: Metrics, next_handler: Handler) -> None:
-        self.token = token.encode() if token else None
+    def __init__(self, token: str, metrics: Metrics, next_handler: Handler) -> None:
+        self.token = token.encode()
         self.metrics, self.next = metrics, next_handler
 
     async def __call__(self, request: Request) -> Response:
-        if self.token is None:
-            return await self.next(request)
         given = [value for name, value in request.headers if name.lower() == b"authorization"]
         if len(given) > 1:
             return reject(self.metrics, 400, "more than one Authorization header", close=True)
@@ -301,7 +302,8 @@ FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-
 def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, pool: UpstreamPool) -> Handler:
     forward = Forward(pool, config, metrics)
     chain: Handler = Measure(metrics, forward)
-    chain = Auth(config.token, metrics, chain)
+    if config.token:
+        chain = Auth(config.token, metrics, chain)
     chain = Limits(config, state, metrics, chain)
     chain = Timeout(config.request_timeout, metrics, chain)
     return Drain(state, config, metrics, chain)

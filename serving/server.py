@@ -14,6 +14,13 @@ Assembling a chain on it (serving/proxy.py does this for `berth boot`; the gatew
     ...
     listener.close(); await server.shutdown(grace=1.0)
 
+A handler of a chain holds the next one and awaits it (serving/proxy.py's Drain, Timeout, ...).
+To pass a request on upstream, serving/upstream.py's UpstreamPool: its answer's status,
+end-to-end headers and body (`read()` or `chunks()`) go back as a `Response` or through
+`request.send_stream()`; a 101 answer's `upgraded()` goes to `request.tunnel()`. Set
+`request.body_limit` before `request.body()` (413 past it); `Server(on_refuse=...)` hears
+the status of every answer the server gives itself (metrics).
+
 The server owns the protocol: parsing, keep-alive, pipelined requests answered in order,
 chunked bodies both ways with back-pressure, `Expect: 100-continue`, Upgrade as a byte tunnel
 (`Request.tunnel`), the limits (431, 414, 400, 501, 417, 405) and the timeouts. Deadlines are
@@ -128,12 +135,14 @@ class Connection(asyncio.Protocol):
         self.deadline_for = _HEAD
         self.parsing: Request | None = None  # the request whose body the parser is on
         self.active: Request | None = None  # the request whose handler runs
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task | None = None  # serves the connection's requests one after another
+        self._waiting: asyncio.Future[None] | None = None  # the task's wait for the next request
         self.pipeline: collections.deque[Request] = collections.deque()
         self.refusal: Refused | None = None  # to answer once the requests before it are answered
         self.closing = False  # the server is shutting down: close after the current answer
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._noted: list[tuple[int, bytes]] = []  # the headers _check_head looks at
         self._head_size = 0
         self._fresh = True  # no byte parsed yet: the head deadline runs from the connection's start
         self._reading = True
@@ -167,7 +176,10 @@ class Connection(asyncio.Protocol):
             self._upgraded(data[exc.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
-            self._refuse(refused if isinstance(refused, Refused) else Refused(500, "the server failed on this request"))
+            if not isinstance(refused, Refused):
+                log.error("the server failed on a request from %s", self.peer, exc_info=refused)
+                refused = Refused(500, "the server failed on this request")
+            self._refuse(refused)
         except httptools.HttpParserError as exc:
             if data.startswith(b"PRI * HTTP/2.0") and self.active is None and not self.pipeline:
                 self.abort()  # HTTP/2's preface: this server speaks HTTP/1.1 only
@@ -203,7 +215,7 @@ class Connection(asyncio.Protocol):
     # --- httptools callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._url, self._headers, self._head_size = b"", [], 0
+        self._url, self._headers, self._noted, self._head_size = b"", [], [], 0
         if self._fresh:
             self._fresh = False
         else:  # the head's total deadline runs from its first byte
@@ -216,6 +228,9 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        kind = _NOTED.get(name.lower())
+        if kind is not None:
+            self._noted.append((kind, value))
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.limits.max_header_size:
             raise Refused(431, f"the request's headers are larger than {self.limits.max_header_size} bytes")
@@ -224,7 +239,7 @@ class Connection(asyncio.Protocol):
         parser = self.parser
         request = Request(self, parser.get_method().decode(), self._url.decode("utf-8", "surrogateescape"),
                           parser.get_http_version(), self._headers)
-        _check_head(request, parser.should_upgrade())
+        _check_head(request, self._noted, parser.should_upgrade())
         request.keep_alive = parser.should_keep_alive()
         if request.has_body:
             self.deadline, self.deadline_for = self.loop.time() + self.limits.body_timeout, _BODY
@@ -232,10 +247,7 @@ class Connection(asyncio.Protocol):
         else:
             self.deadline = None
             request._end()
-        if self.active is None:
-            self._start(request)
-        else:
-            self.pipeline.append(request)
+        self._start(request)
 
     def on_body(self, body: bytes) -> None:
         request = self.parsing
@@ -256,50 +268,64 @@ class Connection(asyncio.Protocol):
     # --- handling ----------------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
-        self.active = request
-        self.task = self.loop.create_task(self._run(request))
+        """Queue a request whose head is whole; the connection's one task answers them in order
+        (one task per connection, not per request: a task costs more than the chain's work)."""
+        self.pipeline.append(request)
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+        elif self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
 
-    async def _run(self, request: Request) -> None:
-        try:
-            response = await self.server.handler(request)
-        except asyncio.CancelledError:
-            self.abort()  # the client left, or the handler's deadline passed with no one to answer
-            return
-        except BodyError as exc:  # left to the server by the handler: answered as nginx does
-            if request.response_started is not None:
-                self.abort()
+    async def _serve(self) -> None:
+        while True:
+            if not self.pipeline:
+                self._waiting = self.loop.create_future()
+                await self._waiting  # cancelled when the client leaves
+                continue
+            request = self.active = self.pipeline.popleft()
+            try:
+                response = await self.server.handler(request)
+            except asyncio.CancelledError:
+                self.abort()  # the client left, or the handler's deadline passed with no one to answer
                 return
-            if self.server.on_refuse is not None:
-                self.server.on_refuse(exc.status)
-            response = Response(exc.status, str(exc).encode() + b"\n", [(b"Content-Type", b"text/plain; charset=utf-8")], close=True)
-        except Exception:
-            log.exception("the handler failed on %s %s", request.method, request.target)
-            if request.response_started is not None:
-                self.abort()
+            except BodyError as exc:  # left to the server by the handler: answered as nginx does
+                if request.response_started is not None:
+                    self.abort()
+                    return
+                if self.server.on_refuse is not None:
+                    self.server.on_refuse(exc.status)
+                response = Response(exc.status, str(exc).encode() + b"\n", [(b"Content-Type", b"text/plain; charset=utf-8")], close=True)
+            except Exception:
+                log.exception("the handler failed on %s %s", request.method, request.target)
+                if request.response_started is not None:
+                    self.abort()
+                    return
+                response = Response(500, b"the server failed on this request\n", [(b"Content-Type", b"text/plain; charset=utf-8")],
+                                    close=True)
+            if request.response_started is None:
+                self.send(request, response)
+            if not self._finished(request):
                 return
-            response = Response(500, b"the server failed on this request\n", [(b"Content-Type", b"text/plain; charset=utf-8")],
-                                close=True)
-        if request.response_started is None:
-            self.send(request, response)
-        self._finished(request)
 
-    def _finished(self, request: Request) -> None:
-        self.active = self.task = None
+    def _finished(self, request: Request) -> bool:
+        """After an answer: whether the connection serves on."""
+        self.active = None
         if self.transport is None:
-            return
+            return False
         unread = request.expect_continue and not request._continued and not request._complete
         if request.close or unread or self.closing:
             self.transport.close()
-            return
+            return False
         if not request._complete:
             request._fail(BodyIncomplete("answered before the body was read"))  # read on, keep none of it
-        if self.pipeline:
-            self._start(self.pipeline.popleft())
-        elif self.refusal is not None:
-            self._send_refusal(self.refusal)
-        elif self.parsing is None and self.deadline is None:
-            self.deadline, self.deadline_for = self.loop.time() + self.limits.keepalive_timeout, _IDLE
+        if not self.pipeline:
+            if self.refusal is not None:
+                self._send_refusal(self.refusal)
+                return False
+            if self.parsing is None and self.deadline is None:
+                self.deadline, self.deadline_for = self.loop.time() + self.limits.keepalive_timeout, _IDLE
         self.resume_reading()
+        return True
 
     def _refuse(self, refused: Refused) -> None:
         """A protocol error: answered after the requests before it, then the connection closes.
@@ -310,7 +336,7 @@ class Connection(asyncio.Protocol):
             self.parsing._fail(BodyIncomplete(str(refused), refused.status))
             self.refusal = refused  # read no further; answered by the body's reader
             return
-        if self.active is None:
+        if self.active is None and not self.pipeline:
             self._send_refusal(refused)
         else:
             self.refusal = refused
@@ -328,7 +354,7 @@ class Connection(asyncio.Protocol):
     def _upgraded(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade request's head: a WebSocket's bytes follow, to be
         tunnelled; any other upgrade (h2c) is ignored and parsing goes on in HTTP/1.1."""
-        request = self.active if self.active is not None and not self.pipeline else (self.pipeline[-1] if self.pipeline else None)
+        request = self.pipeline[-1] if self.pipeline else self.active
         if request is not None and request.upgrade:
             request.close = True  # after a refused upgrade the connection's bytes are not HTTP
             self._upgrade_pending = bytearray(rest)
@@ -482,16 +508,14 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-def _check_head(request: Request, upgrade: bool) -> None:
-    """What a strict server checks in a head before any handler sees it (as nginx does)."""
+def _check_head(request: Request, noted: list[tuple[int, bytes]], upgrade: bool) -> None:
+    """What a strict server checks in a head before any handler sees it (as nginx does);
+    `noted`: the headers it looks at, by kind, as on_header found them."""
     if request.version not in ("1.1", "1.0"):
         raise Refused(400, f"HTTP/{request.version} is not served; use HTTP/1.1")
     hosts = 0
     upgrade_to = None
-    for name, value in request.headers:
-        kind = _NOTED.get(name.lower())
-        if kind is None:
-            continue
+    for kind, value in noted:
         if kind == _HOST:
             hosts += 1
         elif kind == _LENGTH:

@@ -96,7 +96,7 @@ class Response:
             elif self.complete:
                 return
             else:
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self._connection.loop.create_future()
                 await self._waiter
 
     def release(self) -> None:
@@ -131,6 +131,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.keep_alive = False
@@ -154,7 +155,7 @@ class _Connection(asyncio.Protocol):
         if self._head_only:  # the parser still expects the body a HEAD answer announced
             self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self.loop.create_future()
         self._answered = False
         self._response = None
         self.transport.write(data)
@@ -338,7 +339,10 @@ class UpstreamPool:
         self._idle.clear()
 
     def _reusable(self) -> _Connection | None:
-        idle, now = self._idle, asyncio.get_running_loop().time()
+        idle = self._idle
+        if not idle:
+            return None
+        now = idle[-1].loop.time()  # not asyncio.get_running_loop(): a getpid() system call each time
         while idle and now - idle[0].idle_since >= self.idle_timeout:
             idle.popleft().abort()  # the child may be closing it right now
         while idle:
@@ -361,7 +365,7 @@ class UpstreamPool:
         return connection
 
     def _put_back(self, connection: _Connection) -> None:
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop.time()
         self._idle.append(connection)
 
     def _forget(self, connection: _Connection) -> None:
