@@ -15,6 +15,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+import aiohttp
 import psutil
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -191,6 +192,18 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         routes.ack(version)
         return {"acked": routes.acked}
 
+    async def observed_split(name: str) -> dict[str, float]:
+        """What the gateway saw the group's members answer in the last minute, in percent."""
+        if not routes.gateway_admin_url:
+            return {}
+        try:
+            async with supervisor._session.get(f"{routes.gateway_admin_url}/v1/stats", timeout=aiohttp.ClientTimeout(total=1)) as answer:
+                counts = (await answer.json()).get("groups_last_minute", {}).get(name, {})
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return {}
+        total = sum(counts.values()) or 1
+        return {service: round(100 * count / total, 1) for service, count in counts.items()}
+
     def group_view(name: str) -> dict[str, Any]:
         group = routes.groups.get(name)
         table = routes.table()["groups"].get(name)
@@ -228,7 +241,7 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
     async def get_group(name: str) -> dict:
         if name not in routes.groups and not routes.members(name):
             raise HTTPException(404, f"no service group named {name!r} on this node (`berth group ls` lists them)")
-        return group_view(name)
+        return {**group_view(name), "observed_split_percent": await observed_split(name)}
 
     @app.delete("/v1/groups/{name}", dependencies=auth)
     async def delete_group(name: str) -> dict:

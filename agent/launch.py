@@ -58,11 +58,12 @@ def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, ap
         issues.append(SpecIssue("metadata.gpu", f"{spec.metadata.gpu} GPU(s) asked; this node has {gpu_capacity}"))
     if host_ports:
         port = spec.container.port
-        if spec.metadata.instance > 1:
+        if spec.metadata.instance > 1 and not spec.container.bootstrap:
             issues.append(SpecIssue(
                 "metadata.instance",
-                f"{spec.metadata.instance} instances would each bind app port {port} on the host (host network "
-                "or process runtime); run 1 instance per service here, or use the bridge network",
+                f"without berth boot (containers[0].bootstrap false) each of the {spec.metadata.instance} instances would "
+                f"bind app port {port} on the host (host network or process runtime); run 1 instance here, enable the "
+                "bootstrap (each instance then gets its own port as PORT), or use the bridge network",
             ))
         owner = app_ports_in_use.get(port)
         if owner is not None and owner != spec.name:
@@ -123,6 +124,12 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
     }
     proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None
+    app_port = container.port
+    if host_ports and slot > 0 and container.bootstrap:
+        # One host, one port per instance: the first keeps the spec's, the others get their own
+        # (berth boot hands it to the command as PORT).
+        app_port = free_port(config.host_ip)
+        env["BERTH_PORT"] = str(app_port)
     if host_ports:
         admin_port = free_port(config.host_ip)
         labels[rt.LABEL_ADMIN_PORT] = str(admin_port)
@@ -130,13 +137,13 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
             proxy_port = free_port(config.host_ip)
             labels[rt.LABEL_PROXY_PORT] = str(proxy_port)
         else:
-            labels[rt.LABEL_APP_PORT] = str(container.port)
+            labels[rt.LABEL_APP_PORT] = str(app_port)
     return rt.LaunchRequest(
         service=spec.name, slot=slot, name=container_name(spec.name, slot, revision), image=container.image, argv=argv, env=env,
         labels=labels, mounts=mounts, secret_files=secret_files, cpu=spec.metadata.cpu,
         memory_bytes=spec.metadata.memory_bytes, shm_bytes=spec.metadata.shm_bytes, gpus=gpus,
         grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
-        app_port=container.port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
+        app_port=app_port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
         disk_limit_bytes=spec.features.disk_limit_bytes,
     )
 

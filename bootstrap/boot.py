@@ -282,6 +282,10 @@ class Boot:
         phase = self.state.state.value
         tail = self.child.tail.text()
         message = f"the child {describe_exit(returncode)} during {phase}"
+        spec = self.config.spec
+        if spec is not None and self.config.app_port != spec.container.port and phase == State.LAUNCHING.value:
+            message += (f" (this instance's port is {self.config.app_port}, given to the command as PORT; a command that "
+                        f"binds the spec's port {spec.container.port} instead cannot run a second instance on this host)")
         return self._fail(self._exit_code(returncode), message + (f"; its last output:\n{tail}" if tail else ""))
 
     def _fail(self, code: int, message: str) -> int:

@@ -266,6 +266,8 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
     child_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
     if spec is not None:
         child_env.update(spec.container.env_dict())
+    # The port to listen on (Cloud Run's and Knative's convention): each instance may have its own.
+    child_env["PORT"] = str(values["port"])
     proxy = None
     if not values["no_proxy"]:
         proxy = ProxyConfig(

@@ -48,6 +48,7 @@ MiB = 1024 * 1024
 PREFIX = "/api/predict/"
 JSON = (b"Content-Type", b"application/json")
 MIRROR_HEADER = (b"X-Berth-Mirror", b"1")
+SLICE_S, SLICES = 10, 6  # a group's observed split: the last minute, in 10 s slices
 UNTRUSTED = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
 
 
@@ -78,13 +79,29 @@ class Stats:
         self.inflight: dict[str, int] = {}
         self.retries: dict[str, int] = {}
         self.mirror: dict[tuple[str, str], int] = {}  # (service, sent|failed|dropped)
-        self.wakes: dict[str, int] = {}
+        self.recent: dict[tuple[str, int], dict[str, int]] = {}  # (group, 10 s slice) -> answers per member
+
+    def last_minute(self) -> dict[str, dict[str, int]]:
+        """Per group, the requests each member answered in the last minute (six 10 s slices)."""
+        now = int(time.time() // SLICE_S)
+        split: dict[str, dict[str, int]] = {}
+        for (name, slice_), counts in self.recent.items():
+            if slice_ > now - SLICES:
+                for service, count in counts.items():
+                    self.add(split.setdefault(name, {}), service, count)
+        return split
 
     def add(self, table: dict, key: Any, amount: int = 1) -> None:
         table[key] = table.get(key, 0) + amount
 
     def observe(self, name: str, service: str, instance: str, status: int, seconds: float) -> None:
         self.add(self.requests, (name, service, instance, status))
+        if name != service and service != "-":  # through a group: its observed split
+            key = (name, int(time.time() // SLICE_S))
+            if key not in self.recent:
+                self.recent = {k: v for k, v in self.recent.items() if k[1] > key[1] - SLICES}
+                self.recent[key] = {}
+            self.add(self.recent[key], service)
         counts = self.latency.get((name, service))
         if counts is None:
             counts = self.latency[(name, service)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
@@ -356,7 +373,8 @@ class Gateway:
         names = set(self.table.services) | set(self.stats.requests_total)
         return {"services": {name: {"requests_total": self.stats.requests_total.get(name, 0),
                                     "inflight": self.stats.inflight.get(name, 0),
-                                    "held": self.hold.by_service.get(name, 0)} for name in sorted(names)}}
+                                    "held": self.hold.by_service.get(name, 0)} for name in sorted(names)},
+                "groups_last_minute": self.stats.last_minute()}
 
     async def poll_vllm(self) -> None:
         """Read `vllm:num_requests_waiting` from each vLLM instance's admin port, every 100 ms."""

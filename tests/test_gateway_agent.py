@@ -74,6 +74,8 @@ def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
         assert {o.detail for o in load.outcomes if o.at > removed} == {str(port_two)}
         assert int((agent.state_dir / "gateway.pid").read_text()) == pid  # found again, not started twice
         assert agent.gateway_url() == gateway
+        observed = json.loads(agent.cli("group", "get", "chat", "--json").stdout)["observed_split_percent"]
+        assert observed.get(two, 0) > 50, observed  # the last minute's answers, as the gateway saw them
 
         # hold: a request for a service still starting is answered once it is Ready
         held = unique("held")
@@ -85,7 +87,10 @@ def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
         node = json.loads(agent.cli("node", "--json").stdout)
         assert node["gateway"]["url"] == gateway and node["gateway"]["acked_version"] > 0
     finally:
-        agent.stop()
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
@@ -100,7 +105,10 @@ def test_gateway_off_starts_nothing(tmp_path):
         table = agent.api("GET", "/v1/routes").json()
         assert table["services"][name]["instances"][0]["url"].startswith("http://127.0.0.1:")
     finally:
-        agent.stop()
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
 
 
 def test_route_stream_and_ack(tmp_path):
@@ -132,4 +140,31 @@ def test_route_stream_and_ack(tmp_path):
         assert agent.api("POST", "/v1/gateway/ack", json={"version": "x"}).status_code == 422
         assert agent.api("GET", "/v1/node").json()["gateway"]["acked_version"] == versions[-1]
     finally:
-        agent.stop()
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
+
+
+def test_two_instances_under_the_process_runtime_each_on_its_own_port(tmp_path):
+    agent = Agent(tmp_path, runtime="process", gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0").start()
+    try:
+        name = unique("pair")
+        spec = app_spec(name, instance=2)
+        spec_port = spec["containers"][0]["port"]
+        spec["containers"][0]["command"] = f"{sys.executable} {SLOWAPP} --port $PORT"
+        result = agent.deploy(spec, "--wait", "--json")
+        assert result.returncode == 0, result.stderr
+        gateway = agent.gateway_url()
+        session = requests.Session()
+        ports = {int(session.get(f"{gateway}/api/predict/{name}/whoami", timeout=10).text) for _ in range(40)}
+        assert len(ports) == 2 and spec_port in ports  # the first instance keeps the spec's port
+
+        stubborn = app_spec(unique("stubborn"), instance=2)  # binds the spec's port, whatever PORT says
+        failed = agent.deploy(stubborn, "--wait", "--timeout", "60")
+        assert failed.returncode == 1 and "given to the command as PORT" in failed.stderr, failed.stderr
+    finally:
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
