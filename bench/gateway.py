@@ -1,6 +1,6 @@
 """The node gateway against nginx, and a rollout through it against today's endpoint polling.
 
-    .venv/bin/python -m bench.gateway [--seconds 10] [--rounds 3] [--rate 500] [--rollout-rate 300] [--no-rollout]
+    .venv/bin/python -m bench.gateway [--seconds 10] [--rounds 3] [--rate 500] [--rollout-rate 300] [--part all]
 
 One run, same machine, side by side, the targets alternating round by round, medians of the
 rounds:
@@ -135,8 +135,9 @@ def rollout(args: argparse.Namespace) -> list[str]:
         agent.start()
         name = f"bench-gw-{uuid.uuid4().hex[:6]}"
         try:
-            if agent.deploy(versioned_spec(name, image, "0"), "--wait").returncode != 0:
-                raise SystemExit("deploy failed")
+            deployed = agent.deploy(versioned_spec(name, image, "0"), "--wait")
+            if deployed.returncode != 0:
+                raise SystemExit(f"deploy failed: {deployed.stderr}")
             gateway = agent.gateway_url()
             version = 0
             for round_number in range(1, args.rounds + 1):
@@ -173,12 +174,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=500, help="the fixed rate for added latency (500)")
     parser.add_argument("--rollout-rate", type=float, default=300)
-    parser.add_argument("--no-rollout", action="store_true", help="only the proxying figures (no Docker needed)")
+    parser.add_argument("--part", choices=["all", "proxying", "rollout"], default="all",
+                        help="proxying needs nginx and h2load; rollout needs dockerd (default: both)")
     args = parser.parse_args()
-    lines = proxying(args)
-    if not args.no_rollout:
-        lines += ["", *rollout(args)]
-    print("\n".join(lines))
+    if args.part in ("all", "proxying"):
+        print("\n".join(proxying(args)), flush=True)
+    if args.part in ("all", "rollout"):
+        print("\n".join(["", *rollout(args)]), flush=True)
     return 0
 
 
