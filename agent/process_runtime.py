@@ -42,6 +42,8 @@ LIMITATIONS = [
 BOOT_ENTRY = "from bootstrap.cli import main; raise SystemExit(main())"
 
 
+_VENV_LOCK = threading.Lock()
+
 class ProcessRuntime:
     name = "process"
     limitations = LIMITATIONS
@@ -95,15 +97,16 @@ class ProcessRuntime:
         """A per-service virtualenv that also sees the agent's packages (berth itself)."""
         folder = self._venvs / service
         python = folder / "bin" / "python"
-        if not python.exists():
-            venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
-            purelib = next(folder.glob("lib/python*/site-packages"))
-            # addsitedir (not a bare path) so that the agent's own .pth files, editable installs
-            # included, are processed too.
-            dirs = [path for path in site.getsitepackages() if Path(path).is_dir()]
-            (purelib / "berth-agent.pth").write_text(
-                "".join(f"import site; site.addsitedir({path!r})\n" for path in dirs)
-            )
+        with _VENV_LOCK:  # a service's instances start at once, each in a thread of its own
+            if not python.exists():
+                venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
+                purelib = next(folder.glob("lib/python*/site-packages"))
+                # addsitedir (not a bare path) so that the agent's own .pth files, editable installs
+                # included, are processed too.
+                dirs = [path for path in site.getsitepackages() if Path(path).is_dir()]
+                (purelib / "berth-agent.pth").write_text(
+                    "".join(f"import site; site.addsitedir({path!r})\n" for path in dirs)
+                )
         return str(python)
 
     def _prepare_mounts(self, request: LaunchRequest) -> None:
