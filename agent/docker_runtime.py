@@ -116,6 +116,7 @@ class DockerRuntime:
         bindings: dict[int, tuple[str]] = {}
         host_mode = request.network == "host"
         if host_mode:
+            environment["BERTH_LISTEN_HOST"] = request.host_ip
             environment["BERTH_ADMIN_PORT"] = str(request.admin_port)
             if request.proxy:
                 environment["BERTH_PROXY_PORT"] = str(request.proxy_port)

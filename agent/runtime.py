@@ -68,6 +68,7 @@ class LaunchRequest:
     admin_port: int | None = None
     fuse: bool = False
     disk_limit_bytes: int | None = None  # a hard quota where the runtime can enforce one
+    storage_paths: tuple[str, ...] = ()  # every spec mount_path: what the process runtime undoes at removal
 
 
 @dataclass

@@ -302,7 +302,7 @@ class Supervisor:
         """Raise SpecError (422) for what the operator's policy forbids."""
         ports = {svc.spec.container.port: name for name, svc in self.services.items() if not svc.deleting}
         issues = launch.check_policy(spec, self.config, host_ports=self.host_ports, app_ports_in_use=ports,
-                                     gpu_capacity=self.gpu_capacity())
+                                     gpu_capacity=self.gpu_capacity(), process_runtime=self.runtime.name == "process")
         issues += self.routes.check_service(spec)
         if issues:
             raise SpecError(issues)
@@ -541,8 +541,8 @@ class Supervisor:
                 return await self._cannot_start(inst, f"ErrImagePull: {exc}", permanent=exc.permanent)
             inst.pull_s = time.monotonic() - pull_started
         self._set(inst, State.STARTING, "")
-        request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports)
         try:
+            request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports)
             handle = await asyncio.to_thread(self.runtime.start, request)
         except LaunchError as exc:
             if exc.instance_id is not None:  # kept for `docker inspect`; removed with the service
