@@ -178,8 +178,13 @@ def pick(backends: list[Backend], exclude: Backend | None = None, rng: Any = ran
     candidates = backends if exclude is None else [backend for backend in backends if backend is not exclude]
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
-    first, second = rng.sample(candidates, 2)
-    return min(first, second, key=lambda backend: (backend.waiting > 0, backend.inflight))
+    count = len(candidates)
+    index = int(rng.random() * count)
+    other = int(rng.random() * (count - 1))
+    first, second = candidates[index], candidates[other + 1 if other >= index else other]  # two different ones
+    if (second.waiting > 0, second.inflight) < (first.waiting > 0, first.inflight):
+        return second
+    return first
 
 
 class LowerHeaders:

@@ -186,3 +186,21 @@ def test_bad_routes_file_is_refused_naming_the_field(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bootstrap.cli", "gateway", "--routes-file", str(path), "--listen",
                              "127.0.0.1:0", "--admin", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "groups.g.routes[0].service" in result.stderr
+
+
+def test_two_random_choices_prefer_the_less_loaded_and_idle_vllm():
+    import random
+
+    from serving.routing import Backend, pick
+
+    busy, idle, queued = Backend("busy", "http://127.0.0.1:1", None), Backend("idle", "http://127.0.0.1:2", None), \
+        Backend("queued", "http://127.0.0.1:3", None)
+    busy.inflight, idle.inflight, queued.inflight, queued.waiting = 5, 1, 0, 2.0
+    rng = random.Random(7)
+    picks = collections.Counter(pick([busy, idle], rng=rng).id for _ in range(200))
+    assert picks == {"idle": 200}  # of two, the one with fewer in flight, every time
+    assert collections.Counter(pick([queued, idle], rng=rng).id for _ in range(200)) == {"idle": 200}  # vLLM waiting loses
+    spread = collections.Counter(pick([busy, idle, queued], rng=rng).id for _ in range(600))
+    # queued loses every pair (requests waiting), busy wins only against it, idle wins both of its pairs
+    assert set(spread) == {"idle", "busy"} and spread["idle"] > 1.5 * spread["busy"]
+    assert pick([busy], exclude=busy) is None and pick([busy, idle], exclude=busy) is idle
