@@ -265,6 +265,7 @@ class Gateway:
                     trace.retried, backend = True, other
                     self.stats.add(self.stats.retries, name)
                     continue
+            trace.status = upstream.status  # a tunnel or stream the client ends keeps the status it started with
             try:
                 extra = [(b"X-Berth-Cold-Start", b"%.1f" % held)] if cold else []
                 response = await relay(request, upstream, extra)

@@ -204,3 +204,29 @@ def test_two_random_choices_prefer_the_less_loaded_and_idle_vllm():
     # queued loses every pair (requests waiting), busy wins only against it, idle wins both of its pairs
     assert set(spread) == {"idle", "busy"} and spread["idle"] > 1.5 * spread["busy"]
     assert pick([busy], exclude=busy) is None and pick([busy, idle], exclude=busy) is idle
+
+
+def test_websocket_is_tunnelled_and_the_access_log_has_a_line_per_request(backends, gateways, tmp_path):
+    import asyncio
+    import json
+
+    import aiohttp
+
+    log = tmp_path / "access.jsonl"
+    gateway = gateways({"services": {"s": service(backends[0], token="ws-token")}}, "--access-log", str(log))
+
+    async def talk() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(gateway.url + "/api/predict/s/ws", headers={"Authorization": "ws-token"}) as ws:
+                answers = []
+                for word in ("one", "two"):
+                    await ws.send_str(word)
+                    answers.append((await ws.receive(timeout=5)).data)
+                return answers
+
+    assert asyncio.run(talk()) == ["echo: one", "echo: two"]
+    assert gateway.get("/api/predict/s/whoami", headers={"Authorization": "ws-token"}).status_code == 200
+    wait_until(lambda: len(log.read_text().splitlines()) >= 2, 10, "access log lines")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["path"], line["status"]) for line in lines] == [("/api/predict/s/ws", 101), ("/api/predict/s/whoami", 200)]
+    assert "ws-token" not in log.read_text()
