@@ -152,14 +152,21 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     def gpus_view() -> list[dict[str, Any]]:
-        """Each GPU with its holder instance, and each GPU process with its container and instance."""
+        """Each GPU with its holder instance or its shares (each with NVML's measured use), and
+        each GPU process with its container and instance."""
         instances = {inst.handle.id: inst.id for svc in supervisor.services.values() for inst in svc.every_instance()
                      if inst.handle is not None}
         gpus = supervisor.gpus.node_view()
         for gpu in gpus:
             gpu["instance"] = str(gpu["instance"]).split("@")[0] if gpu["instance"] else None
+            used: dict[str, int] = {}
             for process in gpu["processes"]:
-                process["instance"] = instances.get(process["container"] or "")
+                process["instance"] = instances.get(process["container"] or supervisor.runtime.instance_of_pid(process["pid"]) or "")
+                if process["instance"] and process["used_memory_bytes"] is not None:
+                    used[process["instance"]] = used.get(process["instance"], 0) + process["used_memory_bytes"]
+            for share in gpu["shares"]:
+                share["instance"] = share["instance"].split("@")[0]
+                share["used_bytes"] = used.get(share["instance"], 0)
         return gpus
 
     @app.get("/v1/node", dependencies=auth)

@@ -89,7 +89,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("--no-wait", action="store_true", help="return once the agent has started stopping it")
     rm.set_defaults(handler=run_rm)
 
-    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, gateway, GPUs, CPU, memory, disks, images")
+    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, gateway, GPUs (holders, shares, NVML-measured use), CPU, memory, disks, images")
     node.set_defaults(handler=run_node)
 
     group = subparsers.add_parser(
@@ -134,7 +134,11 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
             "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY, BERTH_GPU_INVENTORY_FILE, BERTH_INSECURE_LISTEN, BERTH_TLS_CERT,\n"
             "BERTH_TLS_KEY, BERTH_MAX_SPEC_BYTES; BERTH_ALLOW_HOST_PATHS, BERTH_READ_ONLY_MOUNTS and\n"
             "BERTH_PROCESS_MOUNT_ROOTS comma-separated), then these flags. docs/security.md lists what the\n"
-            "token, a spec and the operator can reach."
+            "token, a spec and the operator can reach.\n\n"
+            "GPU shares (spec metadata.gpu_memory, in GiB of one GPU, as EAS's GB) are packed best fit onto GPUs no\n"
+            "instance holds whole; NVML's per-process memory is checked every timings.gpu_watch_period_s (soft:\n"
+            "over the share by 5% twice in a row evicts), and an MPS daemon whose pipe is in mps_pipe_directory\n"
+            "caps memory and gpu_core_percentage in the driver."
         ),
     )
     agent.add_argument("--config", type=Path, metavar="FILE", default=os.environ.get("BERTH_CONFIG"),
@@ -532,9 +536,16 @@ def run_node(args: argparse.Namespace) -> int:
         utilization = "?" if gpu["utilization_percent"] is None else f"{gpu['utilization_percent']}%"
         print(f"          {gpu['uuid']}  {gpu['name']}  {format_bytes(gpu['memory_used_bytes'])} of "
               f"{format_bytes(gpu['memory_total_bytes'])} used, {utilization} busy, held by {gpu['instance'] or '-'}")
+        shares = gpu.get("shares", [])
+        if shares:
+            print(f"            shared: {format_bytes(gpu['booked_bytes'])} of {format_bytes(gpu['memory_total_bytes'])} booked")
+        for share in shares:
+            print(f"            share {share['instance']}: {format_bytes(share['memory_bytes'])}, "
+                  f"{format_bytes(share['used_bytes'])} used (NVML)")
         for process in gpu["processes"]:
             owner = process["instance"] or (process["container"] or "")[:12] or "host"
-            print(f"            pid {process['pid']} ({owner})")
+            used = "" if process["used_memory_bytes"] is None else f", {format_bytes(process['used_memory_bytes'])}"
+            print(f"            pid {process['pid']} ({owner}{used})")
     images = node["images"]
     print(f"images    {len(images)}" + (f" ({format_bytes(sum(i['size'] for i in images))})" if images else ""))
     for image in images:

@@ -54,6 +54,7 @@ class Timings(_Model):
     eviction_grace_s: float = Field(1, ge=0, description="SIGTERM-to-SIGKILL grace of an evicted instance")
     image_gc_period_s: float = Field(300, gt=0, description="how often the image filesystem is checked (kubelet)")
     gpu_check_period_s: float = Field(60, gt=0, description="how often instances with GPUs check they still see them")
+    gpu_watch_period_s: float = Field(5, gt=0, description="how often NVML's per-process memory is held against GPU shares")
     # Kubernetes' progressDeadlineSeconds: a new instance not Ready by then pauses the rollout.
     rollout_ready_timeout_s: float = Field(600, gt=0, description="time a new instance of a rollout has to become Ready")
 
@@ -98,6 +99,9 @@ class AgentConfig(_Model):
     allow_fuse: bool = Field(False, description="allow /dev/fuse and SYS_ADMIN for `fuse` object-store mounts")
     gpu_inventory_file: Path | None = Field(
         None, description="a recorded GPU inventory (JSON, as `python -m agent.gpus` prints) instead of NVML")
+    mps_pipe_directory: str | None = Field(
+        None, description="the MPS control daemon's pipe directory (default: CUDA_MPS_PIPE_DIRECTORY, else /tmp/nvidia-mps); "
+                          "where its control pipe exists, GPU shares are also capped by MPS")
     log_max_size_bytes: int = Field(DEFAULT_LOG_MAX_SIZE_BYTES, ge=1, description="container log size before rotation (kubelet)")
     log_max_files: int = Field(DEFAULT_LOG_MAX_FILES, ge=1, description="log files kept per container (kubelet)")
     image_gc_high_threshold_percent: float = Field(DEFAULT_HIGH_THRESHOLD_PERCENT, gt=0, le=100,

@@ -15,6 +15,7 @@ from typing import Iterable
 
 from agent import runtime as rt
 from agent.config import AgentConfig
+from agent.gpu_share import Placement
 from bootstrap import cache, units
 from bootstrap.spec import ServiceSpec, SpecIssue
 
@@ -158,7 +159,7 @@ def free_port(host: str) -> int:
 
 
 def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConfig, *, gpus: list[str],
-                  host_ports: bool) -> rt.LaunchRequest:
+                  host_ports: bool, share: Placement | None = None) -> rt.LaunchRequest:
     container = spec.container
     # The operator's variables win over the spec's (a spec once pointed OSS_ENDPOINT elsewhere);
     # `env_for` scopes the operator's variables to one service.
@@ -211,6 +212,11 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         rt.LABEL_GRACE: str(spec.metadata.grace_s),
         rt.LABEL_AGENT: agent_label(config),
     }
+    if share is not None:
+        env.update(share.env(spec.metadata.gpu_core_percentage))
+        labels[rt.LABEL_GPU_MEMORY] = str(share.share.memory_bytes)
+        if share.mps is not None:
+            mounts.append(rt.Mount(target=share.mps.pipe_directory, source=share.mps.pipe_directory))
     proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None
     app_port = container.port
@@ -234,6 +240,7 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
         app_port=app_port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
         disk_limit_bytes=spec.features.disk_limit_bytes, storage_paths=tuple(entry.mount_path for entry in spec.storage),
+        ipc_host=share is not None and share.mps is not None,
     )
 
 

@@ -297,6 +297,19 @@ class ProcessRuntime:
     def disk_usage(self, instance_id: str, empty_dir_paths: list[str]) -> None:
         return None  # see LIMITATIONS
 
+    def instance_of_pid(self, pid: int) -> str | None:
+        """Each instance runs in its own session, led by the recorded process: a PID belongs to
+        the record whose pid is its session id."""
+        try:
+            session = os.getsid(pid)
+        except OSError:
+            return None
+        for path in self._records.glob("*.json"):
+            record = None if path.name.endswith(".status.json") else self._read(path.stem)
+            if record is not None and record["pid"] == session and self._alive(record):
+                return record["id"]
+        return None
+
     def check_gpus(self, instance_id: str, uuids: list[str]) -> None:
         return None  # see LIMITATIONS
 

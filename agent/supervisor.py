@@ -33,14 +33,14 @@ from typing import Any, AsyncIterator
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from agent import coldstart, launch
+from agent import coldstart, gpu_share, launch
 from agent.config import AgentConfig
 from agent.disk import DISK_LIMIT_EXCEEDED, DiskLimitPolicy
-from agent.gpus import GpuAllocator, GpuRequestRefused, GpusPending, open_inventory
+from agent.gpus import GpuAllocator, GpuRequestRefused, GpuShare, GpusPending, open_inventory
 from agent.pull import PullError
 from agent.revision import revision as revision_of
 from agent.routes import Routes
-from agent.runtime import LABEL_GPUS, ExitInfo, Handle, LaunchError, Runtime
+from agent.runtime import LABEL_GPU_MEMORY, LABEL_GPUS, ExitInfo, Handle, LaunchError, Runtime
 from agent.state import StoredInstance, Store
 from bootstrap.errors import CommandFailed
 from bootstrap.spec import ServiceSpec, SpecError, parse_spec
@@ -157,6 +157,8 @@ class Supervisor:
         self.metrics = Metrics()
         self.gpus = GpuAllocator(open_inventory(config.gpu_inventory_file), config.state_dir / "gpu-checkpoint.json")
         self._gpus_freed = asyncio.Event()  # replaced after each release: Pending instances wait on it
+        self.gpu_watch = gpu_share.MemoryWatch()
+        self.vllm_starts = gpu_share.StartQueue()
         self._by_runtime_id: dict[str, Instance] = {}
         self._early_exits: set[str] = set()
         self._subscribers: set[asyncio.Queue] = set()
@@ -183,6 +185,7 @@ class Supervisor:
         for period, housekeeping in ((timings.reaper_period_s, self.reap_strays),
                                      (timings.eviction_period_s, self.evict_over_disk_limit),
                                      (timings.gpu_check_period_s, self.check_gpus),
+                                     (timings.gpu_watch_period_s, self.watch_gpu_memory),
                                      (timings.image_gc_period_s, self.collect_images)):
             self._spawn(self._every(period, housekeeping))
 
@@ -260,7 +263,10 @@ class Supervisor:
         if not uuids:
             return
         try:
-            self.gpus.adopt(inst.gpu_key, uuids)
+            if share := handle.labels.get(LABEL_GPU_MEMORY):
+                self.gpus.adopt_share(inst.gpu_key, GpuShare(uuid=uuids[0], memory_bytes=int(share)))
+            else:
+                self.gpus.adopt(inst.gpu_key, uuids)
             inst.gpus = uuids
         except CommandFailed as exc:
             self._event("GpuConflict", str(exc), inst.service, inst)
@@ -303,6 +309,7 @@ class Supervisor:
         ports = {svc.spec.container.port: name for name, svc in self.services.items() if not svc.deleting}
         issues = launch.check_policy(spec, self.config, host_ports=self.host_ports, app_ports_in_use=ports,
                                      gpu_capacity=self.gpu_capacity(), process_runtime=self.runtime.name == "process")
+        issues += gpu_share.share_issues(spec.metadata, self.gpus.inventory.gpus())
         issues += self.routes.check_service(spec)
         if issues:
             raise SpecError(issues)
@@ -540,9 +547,13 @@ class Supervisor:
             except PullError as exc:
                 return await self._cannot_start(inst, f"ErrImagePull: {exc}", permanent=exc.permanent)
             inst.pull_s = time.monotonic() - pull_started
+        share = gpu_share.placement(self.gpus, inst.gpu_key, self.config.mps_pipe_directory)
+        if share is not None and gpu_share.is_vllm(spec):
+            await self._vllm_turn(inst, share.share.uuid)
         self._set(inst, State.STARTING, "")
         try:
-            request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports)
+            request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports,
+                                           share=share)
             handle = await asyncio.to_thread(self.runtime.start, request)
         except LaunchError as exc:
             if exc.instance_id is not None:  # kept for `docker inspect`; removed with the service
@@ -567,10 +578,13 @@ class Supervisor:
         The instance keeps its GPUs across restarts (the same UUIDs, so its weights' GPU memory
         layout and NVML's view stay put); they are released when it is stopped for good.
         """
-        count = inst.spec.metadata.gpu
+        count, share_bytes = inst.spec.metadata.gpu, inst.spec.metadata.gpu_memory_bytes
         while True:
             try:
-                uuids = await asyncio.to_thread(self.gpus.allocate, inst.gpu_key, count)
+                if share_bytes is None:
+                    uuids = await asyncio.to_thread(self.gpus.allocate, inst.gpu_key, count)
+                else:
+                    uuids = ((await asyncio.to_thread(self.gpus.allocate_share, inst.gpu_key, share_bytes)).uuid,)
             except GpuRequestRefused as exc:  # the node has fewer GPUs now than when the spec was accepted
                 self._set(inst, State.FAILED, str(exc))
                 return None
@@ -582,10 +596,25 @@ class Supervisor:
             if list(uuids) != inst.gpus:
                 inst.gpus = list(uuids)
                 self._persist(inst)
+                if share_bytes is not None:
+                    mps = gpu_share.detect_mps(self.config.mps_pipe_directory)
+                    self._event("GpuShare", f"{inst.spec.metadata.gpu_memory:g} GiB of GPU {uuids[0]}; "
+                                            f"{gpu_share.enforcement_note(inst.spec.metadata, mps)}", inst.service, inst)
             return inst.gpus
 
+    async def _vllm_turn(self, inst: Instance, uuid: str) -> None:
+        """Wait until no other vLLM engine is starting on this shared GPU (see gpu_share.StartQueue)."""
+        startup = inst.spec.container.startup_check
+        timeout = (startup.initial_delay_seconds + startup.period_seconds * startup.failure_threshold if startup
+                   else self.config.timings.rollout_ready_timeout_s)
+        await self.vllm_starts.wait_turn(
+            uuid, inst.gpu_key, timeout_s=timeout,
+            settled=lambda: inst.ready or inst.state in (State.BACKOFF, State.FAILED, State.EVICTED, State.STOPPED),
+            waiting=lambda holder: self._set(inst, State.PENDING, f"waits for the vLLM engine of {holder.split('@')[0]} to "
+                                                                  f"start on GPU {uuid} (vLLM engines on one GPU start one at a time)"))
+
     def _release_gpus(self, inst: Instance) -> None:
-        if inst.spec.metadata.gpu == 0:
+        if inst.spec.metadata.gpu == 0 and inst.spec.metadata.gpu_memory is None:
             return
         self.gpus.release(inst.gpu_key)
         inst.gpus = []
@@ -696,7 +725,7 @@ class Supervisor:
         inst.ready_since = None
         self._persist(inst)
         if inst.spec.runtime.enable_crash_block:
-            final = State.EVICTED if info.reason == DISK_LIMIT_EXCEEDED else State.FAILED
+            final = State.EVICTED if info.reason in (DISK_LIMIT_EXCEEDED, gpu_share.GPU_MEMORY_EXCEEDED) else State.FAILED
             self._set(inst, final, f"{detail}; not restarted (runtime.enable_crash_block)")
             return False
         await self._keep_previous_logs(inst)
@@ -761,12 +790,30 @@ class Supervisor:
                 continue
             usage = await asyncio.to_thread(self.runtime.disk_usage, inst.handle.id, list(policy.empty_dirs))
             eviction = policy.check(usage) if usage is not None else None
-            if eviction is None or inst.handle is None:
-                continue
-            inst.stopped_by_agent = (eviction.reason, eviction.message)
-            self._event(eviction.reason, eviction.message, inst.service, inst)
-            self._set(inst, State.EVICTED, eviction.message)
-            await asyncio.to_thread(self.runtime.stop, inst.handle.id, self.config.timings.eviction_grace_s)
+            if eviction is not None and inst.handle is not None:
+                await self._evict(inst, eviction.reason, eviction.message)
+
+    async def _evict(self, inst: Instance, reason: str, message: str) -> None:
+        """Stop an instance over a limit with the eviction grace; its lifecycle restarts it with backoff."""
+        inst.stopped_by_agent = (reason, message)
+        self._event(reason, message, inst.service, inst)
+        self._set(inst, State.EVICTED, message)
+        await asyncio.to_thread(self.runtime.stop, inst.handle.id, self.config.timings.eviction_grace_s)
+
+    async def watch_gpu_memory(self) -> None:
+        """Hold each GPU share to its size through NVML's per-process memory (soft enforcement;
+        see agent/gpu_share.py)."""
+        shared = {inst.gpu_key: inst for inst in self._running() if inst.spec.metadata.gpu_memory is not None}
+        shares = {key: share for key in shared if (share := self.gpus.share_of(key)) is not None}
+        owners = {inst.handle.id: key for key, inst in shared.items()}
+
+        def measure() -> dict[str, int]:
+            return gpu_share.used_by_instance(self.gpus.inventory.gpus(), owners, self.runtime.instance_of_pid)
+
+        for excess in self.gpu_watch.check(shares, await asyncio.to_thread(measure) if shares else {}):
+            inst = shared[excess.key]
+            if inst.handle is not None:
+                await self._evict(inst, gpu_share.GPU_MEMORY_EXCEEDED, excess.message)
 
     async def check_gpus(self) -> None:
         """Recreate instances whose container lost its GPUs (NVML "Unknown Error" after a driver or

@@ -86,7 +86,6 @@ NOT_ON_ONE_NODE: dict[str, dict[str, str]] = {
         "resource": "EAS's dedicated resource groups",
         "qos": "EAS's QoS classes",
         "resource_burstable": "EAS's burstable resources",
-        "gpu_memory": "GPU sharing, which berth does not do yet: each instance gets whole GPUs",
     },
     "metadata.rpc": {
         "worker_threads": "EAS's processor threads (the proxy is asynchronous)",
@@ -187,7 +186,11 @@ class Metadata(SpecModel):
     instance: int = Field(1, ge=0, le=MAX_INSTANCES)
     cpu: float | None = Field(None, gt=0, le=MAX_CPU, description="CPU cores")
     memory: int | None = Field(None, gt=0, le=MAX_MEMORY_MB, description="memory limit in MB (MiB)")
-    gpu: int = Field(0, ge=0, le=MAX_GPUS)
+    gpu: int = Field(0, ge=0, le=MAX_GPUS, description="whole GPUs")
+    gpu_memory: float | None = Field(
+        None, gt=0, description="GB (GiB in berth, as EAS's GB) of one GPU shared with other instances; gpu then 0 or absent")
+    gpu_core_percentage: int | None = Field(
+        None, ge=1, le=100, description="share of that GPU's compute, 1..100; needs gpu_memory; enforced only under MPS")
     shm_size: float | None = Field(None, gt=0, le=MAX_SHM_GB, description="shared memory in GB (GiB); fractions allowed")
     rpc: Rpc = Field(default_factory=Rpc)
     rolling_strategy: RollingStrategy = Field(default_factory=RollingStrategy)
@@ -204,9 +207,25 @@ class Metadata(SpecModel):
     def _group(cls, value: str | None) -> str | None:
         return None if value is None else check_name(value, "group")
 
+    @model_validator(mode="after")
+    def _gpu_share(self) -> "Metadata":
+        # EAS silently ignores the share fields when gpu > 0; here that config is an error, so
+        # nobody believes an instance is limited to a share while it holds whole GPUs.
+        share = [name for name in ("gpu_memory", "gpu_core_percentage") if getattr(self, name) is not None]
+        if share and self.gpu > 0:
+            raise ValueError(f"{' and '.join(share)} ask for a share of one GPU, gpu = {self.gpu} for whole GPUs: "
+                             "give one or the other (gpu 0 or absent with a share)")
+        if self.gpu_core_percentage is not None and self.gpu_memory is None:
+            raise ValueError("gpu_core_percentage needs gpu_memory (the share of one GPU it applies to)")
+        return self
+
     @property
     def memory_bytes(self) -> int | None:
         return None if self.memory is None else units.mebibytes(self.memory)
+
+    @property
+    def gpu_memory_bytes(self) -> int | None:
+        return None if self.gpu_memory is None else units.gibibytes(self.gpu_memory)
 
     @property
     def shm_bytes(self) -> int | None:

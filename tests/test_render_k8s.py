@@ -28,7 +28,7 @@ DOCKER_AUTH = base64.b64encode(b"robot:registry-password-42").decode()
 
 FULL = {
     "metadata": {
-        "name": "big_llm", "instance": 3, "cpu": 8, "memory": 32768, "gpu": 2, "shm_size": 4, "gpu_memory": 20,
+        "name": "big_llm", "instance": 3, "cpu": 8, "memory": 32768, "gpu": 2, "shm_size": 4,
         "rolling_strategy": {"max_surge": 0, "max_unavailable": 1}, "eas": {"termination_grace_period": 90},
     },
     "containers": [{
@@ -266,7 +266,6 @@ def test_autoscaler_and_cronscaler_become_one_scaled_object(full):
     warnings = "\n".join(rendered.warnings)
     assert "autoscaler.min: 0 rendered as minReplicaCount 1" in warnings and "HTTP add-on" in warnings
     assert "cronscaler.ExcludeDates: left out" in warnings
-    assert "metadata.gpu_memory: left out: GPU shares" in warnings
 
 
 def test_group_renders_weights_mirror_and_header_matches(full):
