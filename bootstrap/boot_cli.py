@@ -57,8 +57,8 @@ def _seconds(value: str) -> float:
 
 def _positive_seconds(value: str) -> float:
     """A timeout: more than 0 seconds."""
-    seconds = _seconds(value)
-    if seconds == 0:
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError("give more than 0 seconds")
     return seconds
 
