@@ -332,7 +332,7 @@ def _call(args: argparse.Namespace, method: str, path: str, payload: bytes | Non
         if exc.status == 422 and isinstance(exc.detail, list):
             lines = "\n".join(f"  {item['path']}: {item['message']}" if item.get("path") else f"  {item['message']}"
                               for item in exc.detail)
-            raise UsageError(f"the agent refused the service config:\n{lines}") from None
+            raise UsageError(f"the agent refused it:\n{lines}") from None
         raise CommandFailed(str(exc.detail)) from None
 
 

@@ -59,6 +59,10 @@ def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
         applied = agent.cli("group", "apply", "-", stdin=json.dumps(
             {"name": "chat", "routes": [{"service": two, "weight": 50}, {"service": three, "weight": 50}]}))
         assert applied.returncode == 0, applied.stderr
+        table = agent.cli("group", "get", "chat")
+        assert table.returncode == 0 and "CONFIGURED %" in table.stdout and two in table.stdout, table.stderr
+        listed = agent.cli("group", "ls")
+        assert listed.returncode == 0 and "chat" in listed.stdout, listed.stderr
         shown = json.loads(agent.cli("group", "get", "chat", "--json").stdout)
         assert shown["members"] == [two, three] and shown["configured_split_percent"] == {two: 50.0, three: 50.0}
 
