@@ -52,6 +52,8 @@ BOOT_ENTRY = "from bootstrap.cli import main; raise SystemExit(main())"
 VENV_MARK = "berth-agent.pth"  # written last: a virtualenv without it is incomplete
 
 
+_VENV_LOCK = threading.Lock()
+
 class ProcessRuntime:
     name = "process"
     limitations = LIMITATIONS
@@ -106,29 +108,26 @@ class ProcessRuntime:
         """A per-service virtualenv that also sees the agent's packages (berth itself)."""
         folder = self._venvs / service
         python = folder / "bin" / "python"
-        if python.exists() and any(folder.glob(f"lib/python*/site-packages/{VENV_MARK}")):
-            return str(python)
-        if folder.exists():
-            log.warning("the virtualenv %s is incomplete (a kill or a full disk while it was made): made again", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-        building = self._venvs / f".{service}.building-{os.getpid()}-{threading.get_ident()}"
-        shutil.rmtree(building, ignore_errors=True)
-        try:
-            venv.EnvBuilder(with_pip=False, symlinks=True).create(building)
-            purelib = next(building.glob("lib/python*/site-packages"))
-            # addsitedir (not a bare path) so that the agent's own .pth files, editable installs
-            # included, are processed too.
-            dirs = [path for path in site.getsitepackages() if Path(path).is_dir()]
-            (purelib / VENV_MARK).write_text("".join(f"import site; site.addsitedir({path!r})\n" for path in dirs))
-            try:
-                os.rename(building, folder)
-            except OSError:
-                if not folder.exists():  # else another instance of the service finished first: use its
-                    raise
-        except OSError as exc:
-            raise LaunchError(f"cannot make the virtualenv {folder}: {exc.strerror or exc}") from None
-        finally:
+        with _VENV_LOCK:  # a service's instances start at once, each in a thread of its own
+            if python.exists() and any(folder.glob(f"lib/python*/site-packages/{VENV_MARK}")):
+                return str(python)
+            if folder.exists():
+                log.warning("the virtualenv %s is incomplete (a kill or a full disk while it was made): made again", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            building = self._venvs / f".{service}.building"
             shutil.rmtree(building, ignore_errors=True)
+            try:
+                venv.EnvBuilder(with_pip=False, symlinks=True).create(building)
+                purelib = next(building.glob("lib/python*/site-packages"))
+                # addsitedir (not a bare path) so that the agent's own .pth files, editable installs
+                # included, are processed too.
+                dirs = [path for path in site.getsitepackages() if Path(path).is_dir()]
+                (purelib / VENV_MARK).write_text("".join(f"import site; site.addsitedir({path!r})\n" for path in dirs))
+                os.rename(building, folder)  # complete, or not there at all
+            except OSError as exc:
+                raise LaunchError(f"cannot make the virtualenv {folder}: {exc.strerror or exc}") from None
+            finally:
+                shutil.rmtree(building, ignore_errors=True)
         return str(python)
 
     def _prepare_mounts(self, request: LaunchRequest) -> None:

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, service TEXT, instance TEXT,
     kind TEXT NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL NOT NULL);
 """
 
 
@@ -163,6 +164,19 @@ class Store:
         self._run("DELETE FROM services WHERE name=?", (name,))
         self._run("DELETE FROM instances WHERE service=?", (name,))
         self._run("DELETE FROM revisions WHERE service=?", (name,))
+
+    # --- service groups (their files, token included) -----------------------------------------
+
+    def put_group(self, name: str, spec: dict[str, Any]) -> None:
+        self._run("INSERT OR REPLACE INTO groups (name, spec, updated) VALUES (?, ?, ?)", (name, json.dumps(spec), time.time()))
+
+    def groups(self) -> list[dict[str, Any]]:
+        return [json.loads(spec) for (spec,) in self._run("SELECT spec FROM groups ORDER BY name")]
+
+    def delete_group(self, name: str) -> bool:
+        found = bool(self._run("SELECT 1 FROM groups WHERE name=?", (name,)))
+        self._run("DELETE FROM groups WHERE name=?", (name,))
+        return found
 
     # --- instances ----------------------------------------------------------------------------
 

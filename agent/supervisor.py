@@ -39,6 +39,7 @@ from agent.disk import DISK_LIMIT_EXCEEDED, DiskLimitPolicy
 from agent.gpus import GpuAllocator, GpuRequestRefused, GpuShare, GpusPending, open_inventory
 from agent.pull import PullError
 from agent.revision import revision as revision_of
+from agent.routes import Routes
 from agent.runtime import LABEL_GPU_MEMORY, LABEL_GPUS, ExitInfo, Handle, LaunchError, Runtime
 from agent.state import StoredInstance, Store, disk_full, disk_full_message
 from bootstrap.errors import CommandFailed
@@ -166,6 +167,7 @@ class Supervisor:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.host_ports = config.network == "host" or runtime.name == "process"
+        self.routes = Routes(self, store)  # the gateway's table; published on every change below
 
     # --- start and stop of the agent ----------------------------------------------------------
 
@@ -309,6 +311,7 @@ class Supervisor:
         issues = launch.check_policy(spec, self.config, host_ports=self.host_ports, app_ports_in_use=ports,
                                      gpu_capacity=self.gpu_capacity(), process_runtime=self.runtime.name == "process")
         issues += gpu_share.share_issues(spec.metadata, self.gpus.inventory.gpus())
+        issues += self.routes.check_service(spec)
         if issues:
             raise SpecError(issues)
 
@@ -327,6 +330,7 @@ class Supervisor:
         self.store.put_service(spec.name, spec.to_json_dict(reveal_secrets=True), revision)
         svc = Service(spec, revision, time.time())
         self.services[spec.name] = svc
+        self.routes.changed()  # the name exists now: the gateway holds its requests until an instance is Ready
         self._event("Deployed", f"revision {revision}, {spec.metadata.instance} instance(s), image {spec.container.image}", svc.name)
         for slot in range(spec.metadata.instance):
             inst = self._new_instance(svc, slot, spec, revision)
@@ -454,6 +458,7 @@ class Supervisor:
         if not svc.deleting:
             self.store.mark_deleting(name)  # first: when the disk is full, nothing has changed
             svc.deleting = True
+            self.routes.changed()
             self._spawn(self._delete(svc))
         return svc
 
@@ -477,12 +482,14 @@ class Supervisor:
             self.previous_logs_path(inst).unlink(missing_ok=True)
         await self._until_stored(self.store.delete_service, svc.name)
         self.services.pop(svc.name, None)
+        self.routes.changed()
         self._event("Deleted", "every instance stopped and removed", svc.name)
 
     async def _stop(self, inst: Instance) -> None:
         """SIGTERM, the grace period, SIGKILL; then removed, and its GPUs released."""
         grace = inst.spec.metadata.grace_s
         if inst.handle is not None:
+            await self.routes.withdraw(inst)  # drain order: out of the gateway's table before SIGTERM
             self._set(inst, State.STOPPING, f"SIGTERM, then SIGKILL after {grace} s")
             started = time.monotonic()
             await asyncio.to_thread(self.runtime.stop, inst.handle.id, grace)
@@ -490,6 +497,7 @@ class Supervisor:
             code = handle.exit.code if handle and handle.exit else None
             await asyncio.to_thread(self.runtime.remove, inst.handle.id)
             self._by_runtime_id.pop(inst.handle.id, None)
+            self.routes.forget(inst.handle.id)
             inst.handle = None
             self._set(inst, State.STOPPED, f"revision {inst.revision} stopped in {time.monotonic() - started:.1f} s, "
                                            f"exit code {code}")
@@ -906,6 +914,7 @@ class Supervisor:
             # Where to send requests now: every Ready instance, of whichever revision (a rollout serves from both).
             "endpoints": [inst.endpoint for inst in instances if inst.ready and inst.endpoint],
             "rollout": svc.rollout, "instances": views, "spec": svc.spec.to_json_dict(),
+            "gateway_url": f"{self.routes.gateway_url}/api/predict/{svc.name}" if self.routes.gateway_url else None,
         }
 
     def _set(self, inst: Instance, state: State, reason: str) -> None:
@@ -914,6 +923,7 @@ class Supervisor:
         if state not in (State.READY, State.UNHEALTHY):
             inst.ready = False
         if changed:
+            self.routes.changed()  # readiness may have changed: the gateway's table follows
             self._event(state.value, reason, inst.service, inst)
             counts: dict[str, int] = {s.value: 0 for s in State}
             for svc in self.services.values():

@@ -30,7 +30,7 @@ from serving.admin import admin_app, start_admin
 from serving.engine import Engine
 from serving import timeouts
 from serving.metrics import Metrics
-from serving.proxy import ProxyConfig, build_chain, start_server, upstream_session
+from serving.proxy import ProxyConfig, build_chain, start_server, upstream_pool
 from serving.state import BootState, State
 
 log = logging.getLogger("berth.boot")
@@ -285,6 +285,10 @@ class Boot:
         phase = self.state.state.value
         tail = self.child.tail.text()
         message = f"the child {describe_exit(returncode)} during {phase}"
+        spec = self.config.spec
+        if spec is not None and self.config.app_port != spec.container.port and phase == State.LAUNCHING.value:
+            message += (f" (this instance's port is {self.config.app_port}, given to the command as PORT; a command that "
+                        f"binds the spec's port {spec.container.port} instead cannot run a second instance on this host)")
         return self._fail(self._exit_code(returncode), message + (f"; its last output:\n{tail}" if tail else ""))
 
     def _fail(self, code: int, message: str) -> int:
@@ -355,14 +359,14 @@ class Boot:
         runner = await start_admin(admin_app(self.state, self.metrics, config.engine, config.app_port), config.host, config.admin_port)
         self._closers.append(runner.cleanup)
         if config.proxy is not None:
-            session = upstream_session(config.proxy)
-            chain = build_chain(self.state, config.proxy, self.metrics, session)
-            server, listener = await start_server(chain, config.host, config.proxy_port, header_timeout=config.proxy.header_timeout)
+            pool = upstream_pool(config.proxy)
+            chain = build_chain(self.state, config.proxy, self.metrics, pool)
+            server, listener = await start_server(chain, config.host, config.proxy_port, config.proxy.server_limits, self.metrics)
 
             async def close_proxy() -> None:
                 listener.close()
                 await server.shutdown(1.0)
-                await session.close()
+                await pool.close()
 
             self._closers.insert(0, close_proxy)
         log.info(

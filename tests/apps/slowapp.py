@@ -16,6 +16,7 @@ ANY /echo             the request as JSON: method, path, headers, body length
 GET /arm-close        200; the next request on the same connection gets the connection closed, unanswered
 GET /orphan           leaves a grandchild that outlives its parent (for the reaping test); returns its pid
 GET /ws               WebSocket echo
+GET /whoami           this instance's port (which instance answered, through a gateway)
 """
 
 from __future__ import annotations
@@ -134,6 +135,11 @@ def main() -> None:
         print("slowapp: cannot load the model: weights.bin is missing", file=sys.stderr, flush=True)
         sys.exit(args.start_exit)
     app = web.Application(middlewares=[close_armed])
+
+    async def whoami(_: web.Request) -> web.Response:
+        return web.Response(text=str(args.port))
+
+    app.router.add_get("/whoami", whoami)
     for path, handler in (("/", root), ("/warm", warm), ("/counters", counter_values), ("/stream", stream), ("/slow", slow),
                           ("/crash", crash), ("/arm-close", arm_close), ("/orphan", orphan), ("/ws", websocket)):
         app.router.add_get(path, handler)

@@ -34,7 +34,7 @@ class Agent:
         self.config_path = root / "agent.json"
         self.config_path.write_text(json.dumps({
             "listen": f"127.0.0.1:{self.port}", "state_dir": str(self.state_dir), "cache_dir": str(root / "cache"),
-            "runtime": "docker", "timings": TIMINGS, **config,
+            "runtime": "docker", "timings": TIMINGS, "gateway": "off", **config,
             # The suite's marker reaches the instances too (the process runtime gives them a clean environment).
             "env": {"BERTH_DRAIN_DELAY": "0", **_run_marker(), **config.get("env", {})},
         }))
@@ -68,6 +68,11 @@ class Agent:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
+        if (self.state_dir / "gateway.pid").exists():  # the gateway outlives its agent: stop it too
+            subprocess.run([*BERTH, "gateway", "stop", "--state-dir", str(self.state_dir)], capture_output=True, timeout=60)
+
+    def gateway_url(self) -> str:
+        return json.loads((self.state_dir / "gateway.json").read_text())["url"]
 
     def cli(self, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
         environ = {**os.environ, "BERTH_AGENT_URL": self.url, "BERTH_STATE_DIR": str(self.state_dir), **env}
