@@ -67,12 +67,16 @@ def _resolve_within(root: str, relative: str, max_links: int = 40) -> str | None
 def refused_ports(config: AgentConfig) -> dict[int, str]:
     """Ports on this host that no spec may use as its app port: the agent's own listeners.
 
-    A spec whose app port was the agent API's went Ready and put the API on its proxy port. The
-    gateway adds its ports here.
+    A spec whose app port was the agent API's went Ready and put the API on its proxy port.
     """
     ports: dict[int, str] = {}
     if not config.listen.startswith("unix:"):
         ports[int(config.listen.rpartition(":")[2])] = "the berth agent's API"
+    if config.gateway_managed:
+        for address, what in ((config.gateway, "the berth gateway"), (config.gateway_admin, "the berth gateway's admin port")):
+            port = int(address.rpartition(":")[2])
+            if port:  # 0: a free port, picked at start
+                ports[port] = what
     return ports
 
 
@@ -126,11 +130,12 @@ def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, ap
         issues.append(SpecIssue("metadata.gpu", f"{spec.metadata.gpu} GPU(s) asked; this node has {gpu_capacity}"))
     if host_ports:
         port = spec.container.port
-        if spec.metadata.instance > 1:
+        if spec.metadata.instance > 1 and not spec.container.bootstrap:
             issues.append(SpecIssue(
                 "metadata.instance",
-                f"{spec.metadata.instance} instances would each bind app port {port} on the host (host network "
-                "or process runtime); run 1 instance per service here, or use the bridge network",
+                f"without berth boot (containers[0].bootstrap false) each of the {spec.metadata.instance} instances would "
+                f"bind app port {port} on the host (host network or process runtime); run 1 instance here, enable the "
+                "bootstrap (each instance then gets its own port as PORT), or use the bridge network",
             ))
         owner = app_ports_in_use.get(port)
         if port in refused_ports(config):
@@ -159,6 +164,9 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
     # The operator's variables win over the spec's (a spec once pointed OSS_ENDPOINT elsewhere);
     # `env_for` scopes the operator's variables to one service.
     env = {**container.env_dict(), **config.env, **config.env_for.get(spec.name, {})}
+    if config.gateway != "off":
+        # The gateway stops sending before SIGTERM (the drain order): 1 s is for direct clients.
+        env.setdefault("BERTH_DRAIN_DELAY", "1")
     secret_files: dict[str, bytes] = {}
     spec_json = json.dumps(spec.to_json_dict(reveal_secrets=True, exclude_secrets=True))
     if len(spec_json.encode()) > SPEC_ENV_MAX_BYTES:
@@ -203,6 +211,7 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         rt.LABEL_GPUS: ",".join(gpus),
         rt.LABEL_GRACE: str(spec.metadata.grace_s),
         rt.LABEL_AGENT: agent_label(config),
+        rt.LABEL_SPEC: env["BERTH_SPEC"],
     }
     if share is not None:
         env.update(share.env(spec.metadata.gpu_core_percentage))
@@ -211,6 +220,12 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
             mounts.append(rt.Mount(target=share.mps.pipe_directory, source=share.mps.pipe_directory))
     proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None
+    app_port = container.port
+    if host_ports and slot > 0 and container.bootstrap:
+        # One host, one port per instance: the first keeps the spec's, the others get their own
+        # (berth boot hands it to the command as PORT).
+        app_port = free_port(config.host_ip)
+        env["BERTH_PORT"] = str(app_port)
     if host_ports:
         admin_port = free_port(config.host_ip)
         labels[rt.LABEL_ADMIN_PORT] = str(admin_port)
@@ -218,13 +233,13 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
             proxy_port = free_port(config.host_ip)
             labels[rt.LABEL_PROXY_PORT] = str(proxy_port)
         else:
-            labels[rt.LABEL_APP_PORT] = str(container.port)
+            labels[rt.LABEL_APP_PORT] = str(app_port)
     return rt.LaunchRequest(
         service=spec.name, slot=slot, name=container_name(spec.name, slot, revision), image=container.image, argv=argv, env=env,
         labels=labels, mounts=mounts, secret_files=secret_files, cpu=spec.metadata.cpu,
         memory_bytes=spec.metadata.memory_bytes, shm_bytes=spec.metadata.shm_bytes, gpus=gpus,
         grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
-        app_port=container.port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
+        app_port=app_port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
         disk_limit_bytes=spec.features.disk_limit_bytes, storage_paths=tuple(entry.mount_path for entry in spec.storage),
         ipc_host=share is not None and share.mps is not None,
     )

@@ -39,8 +39,9 @@ from agent.disk import DISK_LIMIT_EXCEEDED, DiskLimitPolicy
 from agent.gpus import GpuAllocator, GpuRequestRefused, GpuShare, GpusPending, open_inventory
 from agent.pull import PullError
 from agent.revision import revision as revision_of
+from agent.routes import Routes
 from agent.runtime import LABEL_GPU_MEMORY, LABEL_GPUS, ExitInfo, Handle, LaunchError, Runtime
-from agent.state import StoredInstance, Store
+from agent.state import StoredInstance, Store, disk_full, disk_full_message
 from bootstrap.errors import CommandFailed
 from bootstrap.spec import ServiceSpec, SpecError, parse_spec
 
@@ -166,6 +167,7 @@ class Supervisor:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.host_ports = config.network == "host" or runtime.name == "process"
+        self.routes = Routes(self, store)  # the gateway's table; published on every change below
 
     # --- start and stop of the agent ----------------------------------------------------------
 
@@ -180,7 +182,8 @@ class Supervisor:
         log.info("runtime %s: %d instance(s) found, %d adopted in %.2f s; GPUs from %s", self.runtime.name, len(handles),
                  adopted, time.monotonic() - started, self.gpus.inventory.describe())
         timings = self.config.timings
-        for period, housekeeping in ((timings.reaper_period_s, self.reap_strays),
+        for period, housekeeping in ((timings.state_check_period_s, self.keep_state_database),
+                                     (timings.reaper_period_s, self.reap_strays),
                                      (timings.eviction_period_s, self.evict_over_disk_limit),
                                      (timings.gpu_check_period_s, self.check_gpus),
                                      (timings.gpu_watch_period_s, self.watch_gpu_memory),
@@ -308,6 +311,7 @@ class Supervisor:
         issues = launch.check_policy(spec, self.config, host_ports=self.host_ports, app_ports_in_use=ports,
                                      gpu_capacity=self.gpu_capacity(), process_runtime=self.runtime.name == "process")
         issues += gpu_share.share_issues(spec.metadata, self.gpus.inventory.gpus())
+        issues += self.routes.check_service(spec)
         if issues:
             raise SpecError(issues)
 
@@ -326,6 +330,7 @@ class Supervisor:
         self.store.put_service(spec.name, spec.to_json_dict(reveal_secrets=True), revision)
         svc = Service(spec, revision, time.time())
         self.services[spec.name] = svc
+        self.routes.changed()  # the name exists now: the gateway holds its requests until an instance is Ready
         self._event("Deployed", f"revision {revision}, {spec.metadata.instance} instance(s), image {spec.container.image}", svc.name)
         for slot in range(spec.metadata.instance):
             inst = self._new_instance(svc, slot, spec, revision)
@@ -451,8 +456,9 @@ class Supervisor:
         if svc is None:
             raise KeyError(name)
         if not svc.deleting:
+            self.store.mark_deleting(name)  # first: when the disk is full, nothing has changed
             svc.deleting = True
-            self.store.mark_deleting(name)
+            self.routes.changed()
             self._spawn(self._delete(svc))
         return svc
 
@@ -471,14 +477,19 @@ class Supervisor:
             if handle.service == svc.name:
                 await asyncio.to_thread(self.runtime.stop, handle.id, svc.spec.metadata.grace_s)
                 await asyncio.to_thread(self.runtime.remove, handle.id)
-        self.store.delete_service(svc.name)
+        await asyncio.to_thread(self.runtime.remove_service, svc.name)
+        for inst in instances:
+            self.previous_logs_path(inst).unlink(missing_ok=True)
+        await self._until_stored(self.store.delete_service, svc.name)
         self.services.pop(svc.name, None)
+        self.routes.changed()
         self._event("Deleted", "every instance stopped and removed", svc.name)
 
     async def _stop(self, inst: Instance) -> None:
         """SIGTERM, the grace period, SIGKILL; then removed, and its GPUs released."""
         grace = inst.spec.metadata.grace_s
         if inst.handle is not None:
+            await self.routes.withdraw(inst)  # drain order: out of the gateway's table before SIGTERM
             self._set(inst, State.STOPPING, f"SIGTERM, then SIGKILL after {grace} s")
             started = time.monotonic()
             await asyncio.to_thread(self.runtime.stop, inst.handle.id, grace)
@@ -486,6 +497,7 @@ class Supervisor:
             code = handle.exit.code if handle and handle.exit else None
             await asyncio.to_thread(self.runtime.remove, inst.handle.id)
             self._by_runtime_id.pop(inst.handle.id, None)
+            self.routes.forget(inst.handle.id)
             inst.handle = None
             self._set(inst, State.STOPPED, f"revision {inst.revision} stopped in {time.monotonic() - started:.1f} s, "
                                            f"exit code {code}")
@@ -496,19 +508,34 @@ class Supervisor:
     # --- one instance's life ------------------------------------------------------------------
 
     async def _lifecycle(self, inst: Instance) -> None:
-        try:
-            while True:
-                if inst.handle is None or inst.handle.revision != inst.revision:
-                    if not await self._launch(inst):
+        while True:
+            try:
+                while True:
+                    if inst.handle is None or inst.handle.revision != inst.revision:
+                        if not await self._launch(inst):
+                            return
+                        if inst.handle is None:
+                            continue  # the pull or start failed and was backed off: try again
+                    exit_info = await self._supervise(inst)
+                    if not await self._after_exit(inst, exit_info):
                         return
-                exit_info = await self._supervise(inst)
-                if not await self._after_exit(inst, exit_info):
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an instance must never die silently
+                log.exception("instance %s: unexpected error", inst.id)
+                # Failed only when its processes are gone: one that runs, or that the runtime cannot
+                # tell about now (an engine restarting), is supervised again.
+                try:
+                    handle = inst.handle and await asyncio.to_thread(self.runtime.inspect, inst.handle.id)
+                    gone = handle is None or not handle.running
+                except Exception:  # noqa: BLE001 - the runtime itself is unreachable
+                    gone = False
+                if gone:
+                    self._set(inst, State.FAILED, f"agent error: {exc}")
                     return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an instance must never die silently
-            log.exception("instance %s: unexpected error", inst.id)
-            self._set(inst, State.FAILED, f"agent error: {exc}")
+                inst.ready = False
+                self._set(inst, State.UNHEALTHY, f"agent error: {exc}; supervised again")
+                await asyncio.sleep(self.config.timings.backoff_initial_s)
 
     async def _launch(self, inst: Instance) -> bool:
         """Replace what runs (if anything), pull, start. False when the instance cannot run."""
@@ -764,8 +791,29 @@ class Supervisor:
     def _persist(self, inst: Instance) -> None:
         if inst.surge:
             return  # a rollout's new instance takes over the slot's record once it is Ready
-        self.store.put_instance(inst.service, inst.slot, StoredInstance(
-            inst.restarts, inst.last_exit.as_json() if inst.last_exit else None, inst.gpus))
+        try:
+            self.store.put_instance(inst.service, inst.slot, StoredInstance(
+                inst.restarts, inst.last_exit.as_json() if inst.last_exit else None, inst.gpus))
+        except Exception as exc:  # noqa: BLE001 - see _unstored
+            self._unstored(exc, f"the record of {inst.id}")
+
+    # --- a full disk under the state directory: supervision goes on, writes wait for space ----
+
+    def _unstored(self, exc: Exception, what: str) -> None:
+        """A record that could not be written: logged; the instance it describes is supervised on."""
+        if not disk_full(exc):
+            raise exc
+        log.error("%s not stored: %s", what, disk_full_message(self.config.state_dir))
+
+    async def _until_stored(self, write, *args) -> None:
+        """Retry a write the outcome of an operation hangs on (a removal) until space returns."""
+        while True:
+            try:
+                write(*args)
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._unstored(exc, f"{write.__name__}{args}")
+                await asyncio.sleep(self.config.timings.probe_period_s)
 
     # --- housekeeping -------------------------------------------------------------------------
 
@@ -827,6 +875,13 @@ class Supervisor:
             self._event("ImagesCollected", f"image filesystem {result.usage.percent:.0f}% used: removed {names} "
                                            f"({result.freed_bytes} bytes)")
 
+    async def keep_state_database(self) -> None:
+        """A state database deleted under the running agent is written back at once (see Store)."""
+        if await asyncio.to_thread(self.store.write_back_if_deleted):
+            log.error("the state database %s was deleted while the agent ran: written back from the open copy",
+                      self.store.path)
+            self._event("StateRestored", f"{self.store.path} was deleted while the agent ran; written back")
+
     async def reap_strays(self) -> None:
         """Remove berth instances no service wants, once older than the stray grace (Nomad's reaper)."""
         now = time.time()
@@ -859,6 +914,7 @@ class Supervisor:
             # Where to send requests now: every Ready instance, of whichever revision (a rollout serves from both).
             "endpoints": [inst.endpoint for inst in instances if inst.ready and inst.endpoint],
             "rollout": svc.rollout, "instances": views, "spec": svc.spec.to_json_dict(),
+            "gateway_url": f"{self.routes.gateway_url}/api/predict/{svc.name}" if self.routes.gateway_url else None,
         }
 
     def _set(self, inst: Instance, state: State, reason: str) -> None:
@@ -867,6 +923,7 @@ class Supervisor:
         if state not in (State.READY, State.UNHEALTHY):
             inst.ready = False
         if changed:
+            self.routes.changed()  # readiness may have changed: the gateway's table follows
             self._event(state.value, reason, inst.service, inst)
             counts: dict[str, int] = {s.value: 0 for s in State}
             for svc in self.services.values():
@@ -880,7 +937,12 @@ class Supervisor:
             self._loop.call_soon_threadsafe(function, *args)
 
     def _event(self, kind: str, message: str, service: str | None = None, inst: Instance | None = None) -> None:
-        event = self.store.add_event(kind, message, service, inst.id if inst else None)
+        try:
+            event = self.store.add_event(kind, message, service, inst.id if inst else None)
+        except Exception as exc:  # noqa: BLE001 - see _unstored: subscribers still hear it
+            self._unstored(exc, "an event")
+            event = {"id": None, "at": time.time(), "service": service, "instance": inst.id if inst else None,
+                     "kind": kind, "message": message}
         where = inst.id if inst else (service or "agent")
         log.info("%s: %s%s", where, kind, f": {message}" if message else "")
         for queue in list(self._subscribers):
@@ -898,7 +960,7 @@ class Supervisor:
                 yield event
             while follow:
                 event = await queue.get()
-                if event["id"] > last and (service is None or event["service"] == service):
+                if (event["id"] is None or event["id"] > last) and (service is None or event["service"] == service):
                     yield event
         finally:
             self._subscribers.discard(queue)

@@ -187,13 +187,13 @@ class _Conn(asyncio.Protocol):
             self.waiter.set_exception(ConnectionError("closed"))
 
 
-async def open_loop(port: int, rate: float, seconds: float) -> tuple[list[float], int]:
+async def open_loop(port: int, rate: float, seconds: float, path: str = "/") -> tuple[list[float], int]:
     """Send `rate` requests/s for `seconds` on a schedule; latency from each scheduled time."""
     loop = asyncio.get_running_loop()
     idle: list[_Conn] = []
     latencies: list[float] = []
     errors = 0
-    request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
 
     async def one(scheduled: float) -> None:
         nonlocal errors
@@ -256,11 +256,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def h2load_max(port: int, seconds: float, pid: int | None) -> tuple[float, float | None]:
+def h2load_max(port: int, seconds: float, pid: int | None, path: str = "/") -> tuple[float, float | None]:
     """Requests per second, and the CPU microseconds per request of process `pid`."""
     before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
-        ["h2load", "--h1", "-t", "1", "-c", "64", "-D", str(int(seconds)), "--warm-up-time", "1", f"http://127.0.0.1:{port}/"],
+        ["h2load", "--h1", "-t", "1", "-c", "64", "-D", str(int(seconds)), "--warm-up-time", "1", f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, check=True,
     ).stdout
     rate = float(re.search(r"finished in .*?, ([\d.]+) req/s", out).group(1))

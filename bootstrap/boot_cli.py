@@ -269,6 +269,8 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
     child_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
     if spec is not None:  # what the environment sets (the operator's, through the agent) wins over the spec
         child_env = {**spec.container.env_dict(), **child_env}
+    # The port to listen on (Cloud Run's and Knative's convention): each instance may have its own.
+    child_env["PORT"] = str(values["port"])
     proxy = None
     if not values["no_proxy"]:
         proxy = ProxyConfig(

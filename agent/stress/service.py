@@ -57,9 +57,9 @@ def resolve(target: str, agent_url: str | None, state_dir: str | None) -> Target
         if exc.status != 404:
             raise CommandFailed(f"the agent answered {exc}") from None
         view, members = _group(client, target)
-    gateway = view.get("gateway_url")
+    gateway = view.get("gateway_url")  # the service's own address on the gateway: GATEWAY/api/predict/NAME
     if gateway:
-        url = f"{gateway.rstrip('/')}/api/predict/{quote(target)}"
+        url = f"{gateway.split('/api/predict/')[0].rstrip('/')}/api/predict/{quote(target)}"  # a group's name for a group
         return Target(target, partial(_static, [url]), f"the gateway {url}", members, client)
     if members != [target]:
         raise CommandFailed(f"{target!r} is a group: its requests go through the gateway, and the agent names none "
