@@ -211,8 +211,10 @@ def test_the_generator_says_when_it_was_the_limit():
     assert "p99 send lag 50.0 ms" in run(0.3, 0.050).generator_limit()
 
 
-def test_a_service_target_reads_its_instances(tmp_path: Path):
-    agent = Agent(tmp_path, runtime="process").start()
+@pytest.mark.parametrize("gateway", ["127.0.0.1:0", "off"])
+def test_a_service_target_reads_its_instances(tmp_path: Path, gateway: str):
+    """Through the node gateway when the agent runs one; else over the service's Ready endpoints."""
+    agent = Agent(tmp_path, runtime="process", gateway=gateway, **({"gateway_admin": "127.0.0.1:0"} if gateway != "off" else {})).start()
     name = unique("stress")
     port = free_port()
     spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 10}},
@@ -226,6 +228,10 @@ def test_a_service_target_reads_its_instances(tmp_path: Path):
         assert result.returncode == 0, result.stdout + result.stderr
         report = report_of(out)
         assert report["target"]["kind"] == "service"
+        if gateway == "off":
+            assert "Ready endpoints" in report["target"]["route"]
+        else:
+            assert report["target"]["route"] == f"the gateway {agent.gateway_url()}/api/predict/{name}"
         assert report["service_samples"] and all(s["ready"] == 1 for s in report["service_samples"])
         # The proxy's in-flight and request counts were read from the instance's admin /metrics.
         counted = [i["requests"] for s in report["service_samples"] for i in s["instances"].values()]
