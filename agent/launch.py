@@ -25,9 +25,18 @@ def _under(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in map(posixpath.normpath, roots))
 
 
+def own_port(spec: ServiceSpec) -> bool:
+    """Whether the command reads its port from $PORT, so each instance on the host can have its own."""
+    command = " ".join(spec.container.argv or [])
+    return "$PORT" in command or "${PORT}" in command
+
+
 def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, app_ports_in_use: dict[int, str],
-                 gpu_capacity: int) -> list[SpecIssue]:
-    """What the operator's configuration forbids, each named by its JSON path and what to do."""
+                 gpu_capacity: int, count: int | None = None) -> list[SpecIssue]:
+    """What the operator's configuration forbids, each named by its JSON path and what to do.
+
+    `count`: the instances asked (`berth scale`); by default the spec's, or its autoscaler's max.
+    """
     issues: list[SpecIssue] = []
     local_roots = [root for root in config.allow_host_paths if root.startswith("/")]
     nfs_roots = [root for root in config.allow_host_paths if not root.startswith("/")]
@@ -56,13 +65,15 @@ def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, ap
             ))
     if spec.metadata.gpu > gpu_capacity:
         issues.append(SpecIssue("metadata.gpu", f"{spec.metadata.gpu} GPU(s) asked; this node has {gpu_capacity}"))
-    if host_ports:
+    if host_ports and not own_port(spec):
         port = spec.container.port
-        if spec.metadata.instance > 1:
+        most = count if count is not None else max(spec.metadata.instance, spec.autoscaler.max if spec.autoscaler else 1)
+        if most > 1:
             issues.append(SpecIssue(
-                "metadata.instance",
-                f"{spec.metadata.instance} instances would each bind app port {port} on the host (host network "
-                "or process runtime); run 1 instance per service here, or use the bridge network",
+                "autoscaler.max" if spec.autoscaler and count is None else "metadata.instance",
+                f"{most} instances would each bind app port {port} on the host (host network or process runtime); "
+                "run 1 instance per service here, let the command listen on $PORT (each instance gets its own), "
+                "or use the bridge network",
             ))
         owner = app_ports_in_use.get(port)
         if owner is not None and owner != spec.name:
@@ -120,6 +131,10 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
     }
     proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None
+    app_port = container.port
+    if own_port(spec):  # $PORT (Cloud Run's convention): on the host, each instance its own; `berth boot --port` follows
+        app_port = free_port(config.host_ip) if host_ports else container.port
+        env["PORT"] = env["BERTH_PORT"] = str(app_port)
     if host_ports:
         admin_port = free_port(config.host_ip)
         labels[rt.LABEL_ADMIN_PORT] = str(admin_port)
@@ -127,13 +142,13 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
             proxy_port = free_port(config.host_ip)
             labels[rt.LABEL_PROXY_PORT] = str(proxy_port)
         else:
-            labels[rt.LABEL_APP_PORT] = str(container.port)
+            labels[rt.LABEL_APP_PORT] = str(app_port)
     return rt.LaunchRequest(
         service=spec.name, slot=slot, name=container_name(spec.name, slot, revision), image=container.image, argv=argv, env=env,
         labels=labels, mounts=mounts, secret_files=secret_files, cpu=spec.metadata.cpu,
         memory_bytes=spec.metadata.memory_bytes, shm_bytes=spec.metadata.shm_bytes, gpus=gpus,
         grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
-        app_port=container.port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
+        app_port=app_port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
         disk_limit_bytes=spec.features.disk_limit_bytes,
     )
 
