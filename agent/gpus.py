@@ -171,11 +171,19 @@ class RecordedInventory:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._record = load_inventory_file(self.path)
+        self._mtime = self.path.stat().st_mtime_ns
 
     def describe(self) -> str:
         return f"recorded inventory {self.path}"
 
     def gpus(self) -> list[Gpu]:
+        """The record, read again when the file changed (a test or a dry run replaying utilization)."""
+        try:
+            mtime = self.path.stat().st_mtime_ns
+            if mtime != self._mtime:
+                self._record, self._mtime = load_inventory_file(self.path), mtime
+        except (OSError, UsageError):
+            pass  # mid-write or removed: the last good record stands
         return list(self._record.gpus)
 
 

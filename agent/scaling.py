@@ -213,6 +213,8 @@ def fired_job(scaler: CronScaler, since: float, now: float) -> tuple[ScaleJob, f
     now_dt = datetime.fromtimestamp(now, timezone.utc)
     for job in scaler.scale_jobs:
         fire = cron.last_fire(job.schedule, now_dt, job.time_zone)
+        # at the schedule's resolution: last_fire answers `now` itself within a matching minute (or second)
+        fire = fire.replace(microsecond=0) if len(job.schedule.split()) == 6 else fire.replace(second=0, microsecond=0)
         at = fire.timestamp()
         if since < at <= now and not excluded(scaler, fire, job.time_zone) and (latest is None or at > latest[1]):
             latest = (job, at)
