@@ -113,6 +113,17 @@ class Instance:
         }
 
 
+async def cancel(task: asyncio.Task) -> None:
+    """Cancel `task` and wait until it has ended.
+
+    Cancelled again until done: Python 3.11's wait_for loses a cancellation that arrives as
+    the awaited event fires (an adopted instance found exited does exactly that).
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.1)
+
+
 # (kind, message, service, instance) -> None: the agent's event log
 EventSink = Callable[[str, str, "str | None", "Instance | None"], None]
 
@@ -435,8 +446,7 @@ class Lifecycle:
     async def stop(self, inst: Instance) -> None:
         """End an instance for good: its task cancelled, SIGTERM and the grace period, removed, GPUs released."""
         if inst.task is not None and inst.task is not asyncio.current_task():
-            inst.task.cancel()
-            await asyncio.gather(inst.task, return_exceptions=True)
+            await cancel(inst.task)
         grace = inst.spec.metadata.grace_s
         if inst.handle is not None:
             self.set(inst, State.STOPPING, f"SIGTERM, then SIGKILL after {grace} s")

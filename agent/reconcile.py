@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from agent.instance import Instance, Lifecycle, State
+from agent.instance import Instance, Lifecycle, State, cancel
 from agent.runtime import ExitInfo
 from agent.state import Store
 from bootstrap.spec import ServiceSpec
@@ -75,15 +75,13 @@ class Reconciler:
     def watch(self, svc: Service, *, supersede: bool = False) -> None:
         """Start the service's loop (or, with `supersede`, restart it: a newer revision cancels the pass under way)."""
         previous = svc.task
-        if previous is not None and supersede:
-            previous.cancel()
         if previous is None or supersede:
             svc.task = asyncio.create_task(self._loop(svc, previous if supersede else None))
         svc.changed.set()
 
     async def _loop(self, svc: Service, superseded: asyncio.Task | None) -> None:
         if superseded is not None:
-            await asyncio.gather(superseded, return_exceptions=True)
+            await cancel(superseded)
         while True:
             await svc.changed.wait()
             svc.changed.clear()

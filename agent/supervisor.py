@@ -31,7 +31,7 @@ from agent import launch, scaling
 from agent.config import AgentConfig
 from agent.disk import DiskLimitPolicy
 from agent.gpus import GpuAllocator, open_inventory
-from agent.instance import Instance, Lifecycle, State
+from agent.instance import Instance, Lifecycle, State, cancel
 from agent.reconcile import Reconciler, Service
 from agent.revision import revision as revision_of
 from agent.runtime import LABEL_GPUS, Handle, Runtime
@@ -105,9 +105,7 @@ class Supervisor:
         self._closing = True
         tasks = [inst.task for svc in self.services.values() for inst in svc.every_instance() if inst.task]
         tasks += [svc.task for svc in self.services.values() if svc.task]
-        for task in [*tasks, *self._background]:
-            task.cancel()
-        await asyncio.gather(*tasks, *self._background, return_exceptions=True)
+        await asyncio.gather(*(cancel(task) for task in [*tasks, *self._background]))
         if self._session is not None:
             await self._session.close()
 
