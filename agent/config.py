@@ -92,8 +92,8 @@ class AgentConfig(_Model):
     image_gc_repositories: list[str] = Field(
         default_factory=list, description="patterns (fnmatch) of the image references GC may remove; empty: every image "
                                           "(kubelet), e.g. ['registry.local:5000/*'] on a node shared with other software")
-    # EAS decides about every 15 s on 60 s of metrics; berth sees its instances directly, so it
-    # decides every 2 s (the HPA's sync period is 15 s) on 30 s, the same smoothing as KEDA's default.
+    # Every 2 s, as Knative's autoscaler ticks (the HPA's loop is 15 s); metrics averaged over 30 s,
+    # half of Knative's 60 s stable window: berth has no panic mode, so it reacts sooner by default.
     autoscale_period_s: float = Field(2, gt=0, description="how often autoscaled services' counts are decided, and cron jobs fired")
     metric_window_s: float = Field(30, gt=0, description="the window autoscaling metrics are averaged over")
     timings: Timings = Field(default_factory=Timings)
