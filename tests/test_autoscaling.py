@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from agent.scaling import MetricWindow, Scrape, Stabilizer, fired_job, parse_scrape, recommend
+from agent.scaling import GatewayCounts, MetricWindow, Scrape, Stabilizer, fired_job, parse_scrape, recommend
 from bootstrap.spec import Autoscaler, CronScaler
 from tests.harness.agent import Agent, unique, wait_state
 from tests.harness.load import SteadyLoad
@@ -100,6 +100,15 @@ def test_rates_come_from_each_instances_counters_and_gauges_are_summed():
     assert window.average("qps") == 10
 
 
+def test_with_the_gateway_its_counts_replace_the_proxies_sum_and_held_requests_are_demand():
+    window = MetricWindow(window_s=10)
+    window.add(0, {}, 1.0, None, GatewayCounts(requests_total=50, inflight=0, held=0))
+    sample = window.add(2, {}, 1.0, None, GatewayCounts(requests_total=50, inflight=0, held=3))
+    assert sample.values["concurrency"] == 3 and sample.values["qps"] == 0 and sample.active  # zero instances, 3 held
+    sample = window.add(4, {}, 1.0, None, GatewayCounts(requests_total=90, inflight=2, held=0))
+    assert sample.values["qps"] == 20 and sample.values["concurrency"] == 2
+
+
 def test_cron_jobs_fire_once_and_skip_excluded_days():
     scaler = CronScaler.model_validate({"ScaleJobs": [
         {"Name": "day", "Schedule": "0 9 * * *", "TargetSize": 3, "TimeZone": "Asia/Shanghai"},
@@ -150,7 +159,11 @@ def test_concurrency_step_scales_out_to_four_and_back_in_without_a_failed_reques
 
 def test_custom_gauge_of_the_apps_own_metrics_scales(agent):
     name = unique("gauge")
-    assert agent.deploy(scaled_spec(name, autoscaler("custom[queue_depth]", 3, high=4, down_s=1)), "--wait").returncode == 0
+    spec = scaled_spec(name, autoscaler("custom[queue_depth]", 3, high=4, down_s=1))
+    spec["cronscaler"] = {"ScaleJobs": [{"Name": "new-year", "Schedule": "0 0 1 1 *", "TargetSize": 9}]}
+    deployed = agent.deploy(spec, "--wait")
+    assert deployed.returncode == 0, deployed.stderr
+    assert "cronscaler.ScaleJobs[0].TargetSize: 9 is above autoscaler.max (4); clamped to 4" in deployed.stderr
     first = agent.service(name)["instances"][0]
     admin = requests.get(first["admin_endpoint"] + "/metrics", timeout=5).text
     assert "berth_requests_total" in admin and "queue_depth 0.0" in admin  # the app's own page, re-exported
@@ -206,19 +219,23 @@ def test_min_zero_goes_idle_then_a_wake_activates_it(agent):
 
 
 def test_scale_and_a_cron_job_set_the_count(agent):
-    name = unique("cron")
-    fire = datetime.now(timezone.utc) + timedelta(seconds=12)
-    spec = scaled_spec(name)
-    spec["cronscaler"] = {"ScaleJobs": [{"Name": "soon", "Schedule": f"{fire.second} {fire.minute} {fire.hour} * * *",
-                                         "TargetSize": 3, "TimeZone": "UTC"}]}
+    name, floor = unique("cron"), unique("cronmin")
+    fire = datetime.now(timezone.utc) + timedelta(seconds=20)
+    jobs = {"ScaleJobs": [{"Name": "soon", "Schedule": f"{fire.second} {fire.minute} {fire.hour} * * *",
+                           "TargetSize": 3, "TimeZone": "UTC"}]}
+    spec = {**scaled_spec(name), "cronscaler": jobs}
     assert agent.deploy(spec, "--wait").returncode == 0
+    # With an autoscaler the job sets its min: no load, yet 3 instances from the firing on.
+    assert agent.deploy({**scaled_spec(floor, autoscaler("concurrency", 100, high=4)), "cronscaler": jobs}, "--wait").returncode == 0
     scaled = agent.cli("scale", name, "2", "--wait")
     assert scaled.returncode == 0, scaled.stderr
-    assert len(agent.service(name)["endpoints"]) == 2
+    assert len(agent.service(name)["endpoints"]) == 2 or time.time() >= fire.timestamp()  # held until the job fires
     service = ready_count(agent, name, 3, 60)
     assert service["autoscaler"]["cron"]["job"] == "soon" and time.time() >= fire.timestamp()
     assert any(e["kind"] == "ScaledUp" and "cron job 'soon'" in e["message"] for e in events(agent, name))
-    assert agent.cli("rm", name).returncode == 0
+    held = ready_count(agent, floor, 3, 30)
+    assert held["autoscaler"]["floor"] == 3 and "held at min 3" in held["autoscaler"]["decision"]["why"], held["autoscaler"]
+    assert agent.cli("rm", name).returncode == 0 and agent.cli("rm", floor).returncode == 0
 
 
 def test_an_agent_killed_mid_scale_resumes(tmp_path):
