@@ -102,8 +102,9 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
     async def wake_service(name: str, request: Request) -> dict:
         """Activate an idle service (autoscaler min 0) for `held` waiting requests (the node gateway calls this).
 
-        Answer: `activated` true while no instance is Ready yet (a cold start under way, since
-        `since`, unix time), `began` whether this call started it, `desired` and `ready` counts."""
+        Answer: `activated` true while a start from zero is under way (since `since`, unix time;
+        the gateway adds `X-Berth-Cold-Start` to the held request's response), `began` whether this
+        call started it, and the `desired` and `ready` counts."""
         service_or_404(name)
         held = (await _json_object(request)).get("held", 1)
         if not isinstance(held, int) or isinstance(held, bool) or held < 0:

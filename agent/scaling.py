@@ -22,6 +22,7 @@ request (one core when it has none); `gpu[util]` from the GPU inventory for the 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -224,6 +225,12 @@ def fired_job(scaler: CronScaler, since: float, now: float) -> tuple[ScaleJob, f
 def deploy_warnings(spec: ServiceSpec) -> list[SpecIssue]:
     """What the agent changes of the asked scaling, said at deploy."""
     warnings = []
+    if spec.autoscaler and not spec.container.bootstrap:
+        names = [s.metric_name for s in spec.autoscaler.scale_strategies if s.metric_name != "gpu[util]"]
+        if names:
+            warnings.append(SpecIssue("autoscaler.scaleStrategies",
+                                      f"{', '.join(names)} come from berth boot's admin port, and containers[0].bootstrap "
+                                      "is off: without a gateway they read nothing and the count stays"))
     if spec.cronscaler and spec.autoscaler:
         for index, job in enumerate(spec.cronscaler.scale_jobs):
             if job.target_size > spec.autoscaler.max:
@@ -327,10 +334,9 @@ class Autoscaling:
         scaler = svc.spec.autoscaler
         state = self.of(svc.name)
         ready = [inst for inst in svc.instances.values() if inst.ready and inst.admin_endpoint]
-        scrapes = {}
-        for inst in ready:
-            if (scrape := await scrape_instance(self.session, inst.admin_endpoint)) is not None:
-                scrapes[inst.handle.id] = scrape
+        ids = [inst.handle.id for inst in ready]  # taken now: an instance may stop during the scrape
+        found = await asyncio.gather(*(scrape_instance(self.session, inst.admin_endpoint) for inst in ready))
+        scrapes = {runtime_id: scrape for runtime_id, scrape in zip(ids, found) if scrape is not None}
         gpu = None
         if any(strategy.metric_name == "gpu[util]" for strategy in scaler.scale_strategies) and ready:
             gpu = sum(self._gpu_util(inst.gpus) for inst in ready)
@@ -338,6 +344,10 @@ class Autoscaling:
         sample = state.window.add(now, scrapes, svc.spec.metadata.cpu or 1.0, gpu, gateway)
         if sample.active:
             state.last_active = now
+        if svc.scaling.get("activated_at") is not None:  # woken from zero: the grace period starts once it serves
+            state.last_active = now
+            if ready:
+                svc.scaling.pop("activated_at")
         averages = {strategy.metric_name: state.window.average(strategy.metric_name) for strategy in scaler.scale_strategies}
         current = svc.desired
         recommendation = recommend(scaler, averages, len(ready))

@@ -278,9 +278,11 @@ class Supervisor:
             count = min(scaler.max, scaler.behavior.on_zero.scale_up_activation_replicas)
             svc.scaling["activated_at"] = time.time()
             self._scale_decided(svc, count, f"{held} request(s) held at zero instances", kind="Activated")
-        cold = svc.ready_count() == 0
-        return {"activated": cold, "began": began, "since": svc.scaling.get("activated_at") if cold else None,
-                "desired": svc.desired, "ready": svc.ready_count()}
+        elif svc.ready_count() > 0:
+            svc.scaling.pop("activated_at", None)  # that cold start is over
+        since = svc.scaling.get("activated_at")
+        return {"activated": since is not None, "began": began, "since": since, "desired": svc.desired,
+                "ready": svc.ready_count()}
 
     async def delete(self, name: str) -> Service:
         svc = self.services.get(name)
@@ -296,6 +298,8 @@ class Supervisor:
         """The one way a count changes after deploy: stored, told as an event, then the service's loop acts."""
         before = svc.desired
         if count != before:
+            if count == 0:
+                svc.scaling.pop("activated_at", None)
             svc.desired = count
             svc.scaling["decision"] = {"at": time.time(), "from": before, "to": count, "why": why}
             self._event(kind or scaling.describe_change(before, count), f"{before} -> {count} instance(s): {why}", svc.name)
