@@ -359,6 +359,8 @@ class Autoscaling:
             wanted = state.stabilizer.decide(now, recommendation.count, current, behavior.scale_up.stabilization_window_seconds,
                                              behavior.scale_down.stabilization_window_seconds)
             why = recommendation.why
+            if wanted != recommendation.count:
+                why += f"; {wanted} over the scale-{'up' if recommendation.count > current else 'down'} window"
         floor = floor_of(scaler, svc.scaling)
         grace = behavior.on_zero.scale_down_grace_period_seconds
         if floor == 0 and now - state.last_active < grace and (current > 0 or sample.active):

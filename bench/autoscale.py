@@ -75,13 +75,15 @@ def zero_round(agent: Agent) -> dict:
     woke_at = time.time()
     started = time.monotonic()
     agent.api("POST", f"/v1/services/{name}/wake", json={"held": 1})
-    while True:
+    while time.monotonic() - started < 120:
         listed = agent.service(name)["endpoints"]
         if listed:
             response = requests.get(listed[0] + "/", timeout=10)
             if response.status_code == 200:
                 break
         time.sleep(0.05)
+    else:
+        raise SystemExit(f"{name}: no answer within 120 s of the wake call")
     first_response = time.monotonic() - started
     cold = next(e for e in events(agent, name) if e["kind"] == "ColdStart" and e["at"] >= woke_at)
     ready_s = float(cold["message"].rsplit("ready ", 1)[1].rstrip("s"))
