@@ -76,7 +76,8 @@ class Store:
 
     # --- services -----------------------------------------------------------------------------
 
-    def put_service(self, name: str, spec: dict[str, Any], revision: str, desired: int) -> None:
+    def put_service(self, name: str, spec: dict[str, Any], revision: str, desired: int | None = None) -> None:
+        """The service's spec and revision; `desired` its count (None: the spec's metadata.instance, at start)."""
         now = time.time()
         text = json.dumps(spec)
         self._run(

@@ -41,9 +41,6 @@ from bootstrap.spec import ServiceSpec, SpecError, SpecIssue, parse_spec
 
 log = logging.getLogger("berth.agent")
 
-__all__ = ["Conflict", "Instance", "Service", "State", "Supervisor"]
-
-
 class Conflict(Exception):
     """The request clashes with what the agent already runs (HTTP 409)."""
 
