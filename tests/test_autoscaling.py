@@ -177,15 +177,16 @@ def test_custom_gauge_of_the_apps_own_metrics_scales(agent):
 def test_qps_and_cpu_scale(agent):
     qps, cpu = unique("qps"), unique("cpu")
     assert agent.deploy(scaled_spec(qps, autoscaler("qps", 15, high=3, down_s=1)), "--wait").returncode == 0
-    assert agent.deploy(scaled_spec(cpu, autoscaler("cpu", 40, high=2, down_s=1), cpu=1), "--wait").returncode == 0
+    # The scale-down window outlasts the load's dips on a shared machine's 2 cores.
+    assert agent.deploy(scaled_spec(cpu, autoscaler("cpu", 40, high=2, down_s=6), cpu=1), "--wait").returncode == 0
     with SteadyLoad(lambda: agent.service(qps)["endpoints"], path="/", rate_per_s=40, workers=4) as load:
         service = wait_state(agent, qps, lambda s: s["ready"] >= 2, 60, "qps scale-out")
     assert not load.failures()
     assert "qps" in service["autoscaler"]["decision"]["why"], service["autoscaler"]
     # Two clients keep the single-threaded app spinning: about 100% of its 1-CPU request, over 40% per instance.
     with SteadyLoad(lambda: agent.service(cpu)["endpoints"], path="/burn?s=0.2", rate_per_s=100, workers=2):
-        service = ready_count(agent, cpu, 2, 60)
-    assert "cpu" in service["autoscaler"]["decision"]["why"], service["autoscaler"]
+        service = wait_state(agent, cpu, lambda s: s["ready"] == 2, 60, "cpu scale-out")
+    assert any(e["kind"] == "ScaledUp" and "cpu" in e["message"] for e in events(agent, cpu)), service["autoscaler"]
     ready_count(agent, qps, 1, 60)
     ready_count(agent, cpu, 1, 60)
     assert agent.cli("rm", qps).returncode == 0 and agent.cli("rm", cpu).returncode == 0
