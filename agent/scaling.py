@@ -280,8 +280,8 @@ class ServiceScaling:
 class Autoscaling:
     """Each period: fire due cron jobs, then decide each autoscaled service's count.
 
-    `set_desired(svc, count, kind, why)` is the agent's one way to change a count; `services()`
-    lists the services to look at; `gpu_util(uuids)` reads the GPU inventory.
+    `set_desired(svc, count, why)` is the agent's one way to change a count; `services()` lists
+    the services to look at; `gpu_util()` reads each GPU's utilization by UUID.
     """
 
     def __init__(self, window_s: float, services, set_desired, gpu_util) -> None:
@@ -339,7 +339,8 @@ class Autoscaling:
         scrapes = {runtime_id: scrape for runtime_id, scrape in zip(ids, found) if scrape is not None}
         gpu = None
         if any(strategy.metric_name == "gpu[util]" for strategy in scaler.scale_strategies) and ready:
-            gpu = sum(self._gpu_util(inst.gpus) for inst in ready)
+            by_uuid = await asyncio.to_thread(self._gpu_util)  # NVML: read once per period, in a thread
+            gpu = sum(sum(by_uuid.get(uuid, 0) for uuid in inst.gpus) / len(inst.gpus) for inst in ready if inst.gpus)
         now = time.monotonic()
         sample = state.window.add(now, scrapes, svc.spec.metadata.cpu or 1.0, gpu, gateway)
         if sample.active:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -307,15 +308,14 @@ class Supervisor:
         self.store.put_desired(svc.name, svc.desired, svc.scaling)
         self.metrics.desired.labels(svc.name).set(svc.desired)
 
-    def _gpu_util(self, uuids: list[str]) -> float:
-        """The mean utilization of these GPUs (percent), from the GPU inventory."""
-        by_uuid = {gpu.uuid: gpu.utilization_percent or 0 for gpu in self.gpus.inventory.gpus()}
-        return sum(by_uuid.get(uuid, 0) for uuid in uuids) / len(uuids) if uuids else 0.0
+    def _gpu_util(self) -> dict[str, float]:
+        """Each GPU's utilization (percent) by UUID, from the GPU inventory (NVML, or a recorded one)."""
+        return {gpu.uuid: gpu.utilization_percent or 0 for gpu in self.gpus.inventory.gpus()}
 
     def gpu_capacity(self) -> int:
         return len(self.gpus.inventory.gpus())
 
-    def previous_logs_path(self, inst: Instance):
+    def previous_logs_path(self, inst: Instance) -> Path:
         return self.lifecycle.previous_logs_path(inst)
 
     # --- housekeeping -------------------------------------------------------------------------
