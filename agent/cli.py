@@ -22,6 +22,9 @@ FAILING_STATES = ("BackOff", "Failed", "Evicted")
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_agent(subparsers)
+    from agent.k8s.cli import add_commands as add_render  # `berth render k8s`
+
+    add_render(subparsers)
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--agent", metavar="URL", help="the agent: http://HOST:PORT or unix:/path (default "
                         "$BERTH_AGENT_URL, else http://127.0.0.1:7070)")

@@ -69,14 +69,19 @@ def instance_view(cache_dir: Path, service: str) -> list[Path]:
     private (pip wheels, compiled kernels). The agent mounts exactly these into a container,
     so one service cannot read another's private weights.
     """
-    root = Path(cache_dir)
-    weights = root / "weights"
-    directories = [weights / namespace_for(service, "", ()), weights / "shared", root / "pip", root / "compile"]
+    *directories, fill_lock = instance_paths(cache_dir, service)
     for directory in directories:
         directory.mkdir(parents=True, exist_ok=True)
-    fill_lock = weights / ".fill.lock"
     fill_lock.touch(exist_ok=True)
     return [*directories, fill_lock]
+
+
+def instance_paths(cache_dir: Path, service: str) -> list[Path]:
+    """instance_view's paths without touching the disk (`berth render k8s` names another
+    machine's cache): the directories, then the fill lock, which is a file."""
+    root = Path(cache_dir)
+    weights = root / "weights"
+    return [weights / namespace_for(service, "", ()), weights / "shared", root / "pip", root / "compile", weights / ".fill.lock"]
 
 
 def tree_entries(location: Location, objects: list[RemoteObject]) -> list[TreeEntry]:

@@ -29,6 +29,7 @@ berth: serve models on a GPU node.
   berth logs NAME [-f]    an instance's logs
   berth rm NAME           stop (SIGTERM, grace, SIGKILL) and remove a service
   berth node              the node: runtime, CPU, memory, disks, images
+  berth render k8s FILE   Kubernetes manifests from the same JSON (docs/kubernetes.md)
 
 Exit codes: 0 done, 1 the operation failed, 2 bad usage or invalid input.
 """
