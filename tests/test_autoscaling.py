@@ -6,8 +6,10 @@ the suite's load client. Windows of a few seconds in the services' JSON; the age
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -19,8 +21,10 @@ import requests
 
 from agent.scaling import GatewayCounts, MetricWindow, Scrape, Stabilizer, fired_job, parse_scrape, recommend
 from bootstrap.spec import Autoscaler, CronScaler
+from serving.admin import AppMetrics
 from tests.harness.agent import Agent, unique, wait_state
 from tests.harness.load import SteadyLoad
+from tests.harness.parts import free_port, port_open, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = f"{sys.executable} -m tests.apps.scaleapp --port $PORT --limit 2"
@@ -265,8 +269,6 @@ def test_an_agent_killed_mid_scale_resumes(tmp_path):
 
 
 def wait_state_gone(agent: Agent, name: str) -> None:
-    from tests.harness.parts import wait_until
-
     wait_until(lambda: agent.api("GET", f"/v1/services/{name}").status_code == 404, 60, "service removed")
 
 
@@ -294,3 +296,28 @@ def test_gpu_bound_service_stops_at_the_free_gpus_and_gpu_util_scales(tmp_path):
         agent.api("DELETE", f"/v1/services/{name}")
         wait_state_gone(agent, name)
         agent.stop()
+
+
+def test_app_metrics_are_reexported_until_the_app_answers_404(tmp_path):
+    with_metrics, without = free_port(), free_port()
+    apps = [subprocess.Popen([sys.executable, "-m", "tests.apps.scaleapp", "--port", str(with_metrics)], cwd=ROOT),
+            subprocess.Popen([sys.executable, "-m", "http.server", str(without), "--bind", "127.0.0.1"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for port in (with_metrics, without):
+            wait_until(lambda: port_open("127.0.0.1", port), 20, f"app on {port}")
+
+        async def scrape() -> tuple[str, str, str | None]:
+            served, missing = AppMetrics(with_metrics, "/metrics"), AppMetrics(without, "/metrics")
+            try:
+                return await served.text(), await missing.text(), missing.url
+            finally:
+                await served.close()
+                await missing.close()
+
+        text, nothing, url_after = asyncio.run(scrape())
+        assert "queue_depth 0.0" in text and nothing == "" and url_after is None  # 404: off for good
+    finally:
+        for app in apps:
+            app.terminate()
+            app.wait(timeout=10)
