@@ -346,7 +346,8 @@ def run_ls(args: argparse.Namespace) -> int:
         print(json.dumps(services, indent=2))
         return 0
     rows = [["NAME", "READY", "REVISION", "RUNTIME", "IMAGE", "AGE"]]
-    rows += [[s["name"], f"{s['ready']}/{s['instance']}" + (" (removing)" if s["deleting"] else ""), s["revision"],
+    marks = {"Deleting": " (removing)", "Idle": " (idle)"}
+    rows += [[s["name"], f"{s['ready']}/{s['instance']}" + marks.get(s["state"], ""), s["revision"],
               s["runtime"], s["image"], _age(s["created"])] for s in services]
     print(_table(rows) if services else "no services")
     return 0

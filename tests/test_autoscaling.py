@@ -205,6 +205,7 @@ def test_min_zero_goes_idle_then_a_wake_activates_it(agent):
     assert idle["instance"] == 0 and idle["instances"] == []
     assert any(e["kind"] == "ScaledToZero" and "no request for 2 s" in e["message"] for e in events(agent, name))
     assert agent.cli("get", name).stdout.startswith(f"{name}  Idle")
+    assert "0/0 (idle)" in agent.cli("ls").stdout
 
     woke = agent.api("POST", f"/v1/services/{name}/wake", json={"held": 3})
     assert woke.status_code == 200, woke.text
