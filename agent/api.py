@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from agent.supervisor import Conflict, Supervisor
-from bootstrap.spec import SpecError, SpecIssue, parse_spec
+from bootstrap.spec import ParsedSpec, SpecError, SpecIssue, parse_spec
 
 
 def create_app(supervisor: Supervisor, token: str) -> FastAPI:
@@ -61,10 +61,28 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok", "runtime": supervisor.runtime.name}
 
+    async def spec_body(request: Request) -> bytes:
+        """The request body, refused with 413 past max_spec_bytes before more of it is read or stored."""
+        limit = supervisor.config.max_spec_bytes
+        too_large = HTTPException(413, f"the spec is larger than this agent accepts ({limit} bytes, "
+                                       "`berth agent --max-spec-bytes`); large data belongs in storage, not in the spec")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    async def parsed_body(request: Request) -> ParsedSpec:
+        # A thread: validating a 1 MiB spec takes about 0.25 s on this machine, which would stall every other request.
+        return await asyncio.to_thread(parse_spec, await spec_body(request), source="request body")
+
     @app.post("/v1/services", dependencies=auth, status_code=201)
     async def create_service(request: Request) -> JSONResponse:
-        body = await request.body()
-        parsed = parse_spec(body, source="request body")
+        parsed = await parsed_body(request)
         svc, created = await supervisor.deploy(parsed.spec)
         view = supervisor.view(svc)
         warnings = parsed.warnings + supervisor.scaling_warnings(parsed.spec)
@@ -75,7 +93,7 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
     async def update_service(name: str, request: Request) -> JSONResponse:
         """Roll the service to this config (a rolling update under its rolling_strategy); `rollout` tells progress."""
         service_or_404(name)
-        parsed = parse_spec(await request.body(), source="request body")
+        parsed = await parsed_body(request)
         if parsed.spec.name != name:
             raise SpecError([SpecIssue("metadata.name", f"{parsed.spec.name!r} differs from the service updated, {name!r}")])
         view = supervisor.view(await supervisor.update(parsed.spec))
@@ -156,14 +174,21 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     def gpus_view() -> list[dict[str, Any]]:
-        """Each GPU with its holder instance, and each GPU process with its container and instance."""
+        """Each GPU with its holder instance or its shares (each with NVML's measured use), and
+        each GPU process with its container and instance."""
         instances = {inst.handle.id: inst.id for svc in supervisor.services.values() for inst in svc.every_instance()
                      if inst.handle is not None}
         gpus = supervisor.gpus.node_view()
         for gpu in gpus:
             gpu["instance"] = str(gpu["instance"]).split("@")[0] if gpu["instance"] else None
+            used: dict[str, int] = {}
             for process in gpu["processes"]:
-                process["instance"] = instances.get(process["container"] or "")
+                process["instance"] = instances.get(process["container"] or supervisor.runtime.instance_of_pid(process["pid"]) or "")
+                if process["instance"] and process["used_memory_bytes"] is not None:
+                    used[process["instance"]] = used.get(process["instance"], 0) + process["used_memory_bytes"]
+            for share in gpu["shares"]:
+                share["instance"] = share["instance"].split("@")[0]
+                share["used_bytes"] = used.get(share["instance"], 0)
         return gpus
 
     @app.get("/v1/node", dependencies=auth)

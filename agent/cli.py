@@ -9,10 +9,13 @@ import argparse
 import json
 import os
 import secrets
+import signal
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import quote
 
 from bootstrap.errors import EXIT_FAILED, CommandFailed, UsageError
@@ -97,7 +100,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("--no-wait", action="store_true", help="return once the agent has started stopping it")
     rm.set_defaults(handler=run_rm)
 
-    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, GPUs, CPU, memory, disks, images")
+    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, GPUs (holders, shares, NVML-measured use), CPU, memory, disks, images")
     node.set_defaults(handler=run_node)
 
 
@@ -111,20 +114,35 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
             "re-adoption of running instances after its own restart.\n\n"
             "Settings come from --config FILE (JSON; every timing lives there under \"timings\"), then\n"
             "BERTH_* variables (BERTH_LISTEN, BERTH_STATE_DIR, BERTH_CACHE_DIR, BERTH_RUNTIME, BERTH_NETWORK,\n"
-            "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY, BERTH_GPU_INVENTORY_FILE; BERTH_ALLOW_HOST_PATHS and BERTH_READ_ONLY_MOUNTS\n"
-            "comma-separated), then these flags."
+            "BERTH_HOST_IP, BERTH_IMAGE_PULL_POLICY, BERTH_GPU_INVENTORY_FILE, BERTH_INSECURE_LISTEN, BERTH_TLS_CERT,\n"
+            "BERTH_TLS_KEY, BERTH_MAX_SPEC_BYTES; BERTH_ALLOW_HOST_PATHS, BERTH_READ_ONLY_MOUNTS and\n"
+            "BERTH_PROCESS_MOUNT_ROOTS comma-separated), then these flags. docs/security.md lists what the\n"
+            "token, a spec and the operator can reach.\n\n"
+            "GPU shares (spec metadata.gpu_memory, in GiB of one GPU, as EAS's GB) are packed best fit onto GPUs no\n"
+            "instance holds whole; NVML's per-process memory is checked every timings.gpu_watch_period_s (soft:\n"
+            "over the share by 5% twice in a row evicts), and an MPS daemon whose pipe is in mps_pipe_directory\n"
+            "caps memory and gpu_core_percentage in the driver."
         ),
     )
     agent.add_argument("--config", type=Path, metavar="FILE", default=os.environ.get("BERTH_CONFIG"),
                        help="operator configuration, JSON (default $BERTH_CONFIG)")
-    agent.add_argument("--listen", metavar="HOST:PORT", help="API address, or unix:/path (default 127.0.0.1:7070)")
+    agent.add_argument("--listen", metavar="HOST:PORT", help="API address, or unix:/path (a socket only the agent's user "
+                       "may use, removed at exit) (default 127.0.0.1:7070); off loopback it needs --tls-cert/--tls-key "
+                       "or --insecure-listen")
+    agent.add_argument("--tls-cert", metavar="FILE", help="serve the API over HTTPS with this PEM certificate (and --tls-key)")
+    agent.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    agent.add_argument("--insecure-listen", action="store_true", default=None,
+                       help="allow --listen off loopback without TLS: the token crosses the network in clear")
+    agent.add_argument("--max-spec-bytes", type=int, metavar="N", help="largest request body the API reads, in bytes "
+                       "(413 beyond; default 1048576)")
     agent.add_argument("--state-dir", metavar="DIR", help="SQLite state, token, logs (default /var/lib/berth)")
     agent.add_argument("--cache-dir", metavar="DIR", help="node cache mounted into every instance (default /var/cache/berth)")
     agent.add_argument("--runtime", choices=["auto", "docker", "process"],
                        help="docker, process, or auto: docker when an engine answers (default auto)")
     agent.add_argument("--network", choices=["bridge", "host"], help="instances' network (default bridge)")
     agent.add_argument("--host-ip", metavar="ADDR", help="address instances' ports are published on (default 127.0.0.1)")
-    agent.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for every instance")
+    agent.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for every instance; "
+                       "wins over a spec's variable of the same name (env_for in --config scopes one to a service)")
     agent.add_argument("--allow-host-path", action="append", default=[], metavar="DIR",
                        help="allow `local` storage under DIR (or `nfs` under SERVER:/EXPORT); none by default")
     agent.set_defaults(handler=run_agent)
@@ -147,6 +165,8 @@ def run_agent(args: argparse.Namespace) -> int:
     config = load_config(args.config, {
         "listen": args.listen, "state_dir": args.state_dir, "cache_dir": args.cache_dir, "runtime": args.runtime,
         "network": args.network, "host_ip": args.host_ip, "env": env, "allow_host_paths": args.allow_host_path,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key, "insecure_listen": args.insecure_listen,
+        "max_spec_bytes": args.max_spec_bytes,
     })
     return serve(config)
 
@@ -157,11 +177,17 @@ def serve(config) -> int:
     import uvicorn
 
     from agent.api import create_app
+    from agent.config import is_loopback
     from agent.state import Store
     from agent.supervisor import Supervisor
 
     log = logging.getLogger("berth.agent")
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if config.state_dir.stat().st_mode & 0o077:
+        # Logs, process records and secrets live here: no other local user may read them.
+        log.warning("state directory %s was mode %o, readable by other users; set to 700",
+                    config.state_dir, config.state_dir.stat().st_mode & 0o777)
+        config.state_dir.chmod(0o700)
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     token = _ensure_token(config.token_path)
     runtime, why = _pick_runtime(config)
@@ -170,16 +196,50 @@ def serve(config) -> int:
         log.warning("runtime %s cannot enforce: %s", runtime.name, limitation)
     supervisor = Supervisor(config, runtime, Store(config.database_path))
     app = create_app(supervisor, token)
-    if config.listen.startswith("unix:"):
-        server_config = uvicorn.Config(app, uds=config.listen[5:], log_config=None, access_log=False)
-    else:
-        host, _, port = config.listen.rpartition(":")
-        server_config = uvicorn.Config(app, host=host.strip("[]"), port=int(port), log_config=None, access_log=False)
-    log.info("listening on %s; state in %s; token in %s", config.listen, config.state_dir, config.token_path)
+    tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)} if config.tls_cert else {}
+    host, _, port = config.listen.rpartition(":")
+    server_config = uvicorn.Config(app, host=host.strip("[]") or "127.0.0.1", port=int(port) if port.isdigit() else 0,
+                                   log_config=None, access_log=False, **tls)
+    if not is_loopback(host.strip("[]")) and not config.listen.startswith("unix:") and not tls:
+        log.warning("listening on %s without TLS (--insecure-listen): the token crosses the network in clear", config.listen)
+    log.info("listening on %s%s; state in %s; token in %s", config.listen, " (TLS)" if tls else "", config.state_dir,
+             config.token_path)
     server = uvicorn.Server(server_config)
-    server.run()
-    runtime.close()
+    # uvicorn shuts down on SIGTERM, then raises it again: exit through Python, so cleanup (the socket) runs.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        if config.listen.startswith("unix:"):
+            with _unix_socket(Path(config.listen[5:])) as sock:
+                server.run(sockets=[sock])
+        else:
+            server.run()
+    finally:
+        runtime.close()
     return 0 if server.started else EXIT_FAILED
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+@contextmanager
+def _unix_socket(path: Path) -> Iterator[socket.socket]:
+    """The API's socket, 0600 from its creation (uvicorn's own is 0666), removed at exit."""
+    if path.is_socket():
+        path.unlink()  # left by an agent that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        raise UsageError(f"--listen unix:{path}: cannot create the socket: {exc.strerror}") from None
+    finally:
+        os.umask(umask)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
 
 
 def _ensure_token(path: Path) -> str:
@@ -458,9 +518,16 @@ def run_node(args: argparse.Namespace) -> int:
         utilization = "?" if gpu["utilization_percent"] is None else f"{gpu['utilization_percent']}%"
         print(f"          {gpu['uuid']}  {gpu['name']}  {format_bytes(gpu['memory_used_bytes'])} of "
               f"{format_bytes(gpu['memory_total_bytes'])} used, {utilization} busy, held by {gpu['instance'] or '-'}")
+        shares = gpu.get("shares", [])
+        if shares:
+            print(f"            shared: {format_bytes(gpu['booked_bytes'])} of {format_bytes(gpu['memory_total_bytes'])} booked")
+        for share in shares:
+            print(f"            share {share['instance']}: {format_bytes(share['memory_bytes'])}, "
+                  f"{format_bytes(share['used_bytes'])} used (NVML)")
         for process in gpu["processes"]:
             owner = process["instance"] or (process["container"] or "")[:12] or "host"
-            print(f"            pid {process['pid']} ({owner})")
+            used = "" if process["used_memory_bytes"] is None else f", {format_bytes(process['used_memory_bytes'])}"
+            print(f"            pid {process['pid']} ({owner}{used})")
     images = node["images"]
     print(f"images    {len(images)}" + (f" ({format_bytes(sum(i['size'] for i in images))})" if images else ""))
     for image in images:

@@ -1,7 +1,8 @@
 """A small client of the agent's API for the `berth` client commands (standard library only).
 
-The agent is found through `--agent URL` or BERTH_AGENT_URL (http://HOST:PORT or unix:/path),
-the token through BERTH_TOKEN or the token file in the agent's state directory.
+The agent is found through `--agent URL` or BERTH_AGENT_URL (http://HOST:PORT, https://HOST:PORT
+or unix:/path), the token through BERTH_TOKEN or the token file in the agent's state directory.
+An agent with a private CA's certificate is trusted through BERTH_AGENT_CA (a PEM file).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -54,13 +56,16 @@ class AgentClient:
     def __init__(self, url: str | None = None, token: str | None = None) -> None:
         self.url = url or os.environ.get("BERTH_AGENT_URL") or DEFAULT_AGENT_URL
         self.token = token
-        if not self.url.startswith(("http://", "unix:")):
-            raise UsageError(f"--agent {self.url!r}: give http://HOST:PORT or unix:/path/to.sock")
+        if not self.url.startswith(("http://", "https://", "unix:")):
+            raise UsageError(f"--agent {self.url!r}: give http://HOST:PORT, https://HOST:PORT or unix:/path/to.sock")
 
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
         if self.url.startswith("unix:"):
             return _UnixConnection(self.url[5:], timeout)
         parts = urlsplit(self.url)
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=os.environ.get("BERTH_AGENT_CA") or None)
+            return http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout, context=context)
         return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
 
     def _send(self, method: str, path: str, body: bytes | None, timeout: float | None) -> http.client.HTTPResponse:

@@ -7,6 +7,7 @@ and an operator can tune each one. Defaults follow the kubelet and Nomad's Docke
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -53,6 +54,7 @@ class Timings(_Model):
     eviction_grace_s: float = Field(1, ge=0, description="SIGTERM-to-SIGKILL grace of an evicted instance")
     image_gc_period_s: float = Field(300, gt=0, description="how often the image filesystem is checked (kubelet)")
     gpu_check_period_s: float = Field(60, gt=0, description="how often instances with GPUs check they still see them")
+    gpu_watch_period_s: float = Field(5, gt=0, description="how often NVML's per-process memory is held against GPU shares")
     # Kubernetes' progressDeadlineSeconds: a new instance not Ready by then pauses the rollout.
     rollout_ready_timeout_s: float = Field(600, gt=0, description="time a new instance of a rollout has to become Ready")
 
@@ -64,13 +66,28 @@ class AgentConfig(_Model):
     runtime: Literal["auto", "docker", "process"] = "auto"
     network: Literal["bridge", "host"] = "bridge"
     host_ip: str = Field("127.0.0.1", description="host address the instances' ports are published on")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment for every instance")
+    insecure_listen: bool = Field(False, description="allow a TCP address off loopback without TLS (the token crosses the "
+                                                     "network in clear)")
+    tls_cert: Path | None = Field(None, description="PEM certificate: the API is served over HTTPS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    max_spec_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+                                description="largest request body the API reads (413 beyond); EAS's gateway allows 1 MB")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for every instance; wins over a "
+                                                                  "spec's variable of the same name")
+    env_for: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description='environment for one service only, e.g. {"qwen": {"OSS_ACCESS_KEY_ID": "..."}}, '
+                                          "so one service's credentials are not every service's; wins over env")
     allow_host_paths: list[str] = Field(
         default_factory=list,
         description="roots under which `local` paths (and `server:/path` roots for `nfs`) may be mounted",
     )
     read_only_mounts: list[str] = Field(
         default_factory=list, description="HOST[:CONTAINER] paths mounted read-only into every instance"
+    )
+    process_mount_roots: list[str] = Field(
+        default_factory=list,
+        description="process runtime only: host directories where a spec's mount_path may be linked or mounted besides "
+                    "the instance's own directory (<state_dir>/mounts/SERVICE), e.g. /mnt/data for EAS configs as they are",
     )
     registry_mirrors: dict[str, list[str]] = Field(
         default_factory=dict, description='registry -> mirrors tried first, e.g. {"docker.io": ["mirror:5000"]}'
@@ -82,6 +99,9 @@ class AgentConfig(_Model):
     allow_fuse: bool = Field(False, description="allow /dev/fuse and SYS_ADMIN for `fuse` object-store mounts")
     gpu_inventory_file: Path | None = Field(
         None, description="a recorded GPU inventory (JSON, as `python -m agent.gpus` prints) instead of NVML")
+    mps_pipe_directory: str | None = Field(
+        None, description="the MPS control daemon's pipe directory (default: CUDA_MPS_PIPE_DIRECTORY, else /tmp/nvidia-mps); "
+                          "where its control pipe exists, GPU shares are also capped by MPS")
     log_max_size_bytes: int = Field(DEFAULT_LOG_MAX_SIZE_BYTES, ge=1, description="container log size before rotation (kubelet)")
     log_max_files: int = Field(DEFAULT_LOG_MAX_FILES, ge=1, description="log files kept per container (kubelet)")
     image_gc_high_threshold_percent: float = Field(DEFAULT_HIGH_THRESHOLD_PERCENT, gt=0, le=100,
@@ -109,6 +129,24 @@ class AgentConfig(_Model):
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:7070) or unix:/path")
         return value
+
+    @field_validator("process_mount_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[str]) -> list[str]:
+        for root in value:
+            if not root.startswith("/") or root.rstrip("/") == "":
+                raise ValueError(f"{root!r} must be an absolute directory other than /")
+        return value
+
+    @model_validator(mode="after")
+    def _listen_safely(self) -> "AgentConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give tls_cert and tls_key together (--tls-cert FILE --tls-key FILE)")
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if not self.listen.startswith("unix:") and not is_loopback(host) and self.tls_cert is None and not self.insecure_listen:
+            raise ValueError(f"listen {self.listen} is off loopback without TLS: the token (root on this node) would cross "
+                             "the network in clear; give --tls-cert FILE --tls-key FILE, or --insecure-listen to accept that")
+        return self
 
     @field_validator("allow_host_paths")
     @classmethod
@@ -138,10 +176,20 @@ class AgentConfig(_Model):
         return self.state_dir / "state.db"
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
 # Flags and BERTH_* variables that map onto one config field each; lists are comma-separated
 # in the environment. `env` has no variable: values may hold commas, so it comes by file or flag.
-SCALAR_FIELDS = ("listen", "state_dir", "cache_dir", "runtime", "network", "host_ip", "image_pull_policy", "gpu_inventory_file")
-LIST_FIELDS = ("allow_host_paths", "read_only_mounts")
+SCALAR_FIELDS = ("listen", "state_dir", "cache_dir", "runtime", "network", "host_ip", "image_pull_policy", "gpu_inventory_file",
+                 "insecure_listen", "tls_cert", "tls_key", "max_spec_bytes")
+LIST_FIELDS = ("allow_host_paths", "read_only_mounts", "process_mount_roots")
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> AgentConfig:

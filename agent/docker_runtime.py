@@ -116,6 +116,7 @@ class DockerRuntime:
         bindings: dict[int, tuple[str]] = {}
         host_mode = request.network == "host"
         if host_mode:
+            environment["BERTH_LISTEN_HOST"] = request.host_ip
             environment["BERTH_ADMIN_PORT"] = str(request.admin_port)
             if request.proxy:
                 environment["BERTH_PROXY_PORT"] = str(request.proxy_port)
@@ -135,6 +136,7 @@ class DockerRuntime:
             **self._quota_options(request),
             devices=["/dev/fuse:/dev/fuse:rwm"] if request.fuse else None,
             cap_add=["SYS_ADMIN"] if request.fuse else None,
+            ipc_mode="host" if request.ipc_host else None,
         )
         args = dict(
             image=request.image, name=request.name, labels=request.labels, environment=environment,
@@ -329,6 +331,9 @@ class DockerRuntime:
             return measure_instance_disk(self._client, instance_id, empty_dir_paths)
         except NotFound:
             return None
+
+    def instance_of_pid(self, pid: int) -> str | None:
+        return gpus.container_of_pid(pid)
 
     def check_gpus(self, instance_id: str, uuids: list[str]) -> gpus.GpuCheck | None:
         try:

@@ -7,7 +7,10 @@ and indices restart at 0 inside a container. The inventory sits behind one small
 `gpu_inventory_file`) so machines without a GPU run the same allocation code.
 
 Assignments are checkpointed to a JSON file with a checksum, as the kubelet's device manager
-does, so an agent restart hands no GPU out twice.
+does, so an agent restart hands no GPU out twice. An instance asks either for whole GPUs
+(`metadata.gpu`) or for a share of one (`metadata.gpu_memory`): shares are packed best fit by
+booked memory (total minus the shares handed out) onto GPUs no instance holds whole, and a GPU
+with a share is never handed out whole (agent/gpu_share.py has the rest of sharing).
 
 `python -m agent.gpus` prints the inventory as JSON, in the recorded-inventory format.
 """
@@ -22,7 +25,7 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("berth.agent.gpus")
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2 added "shares"; a version 1 file (whole GPUs only) is still read
 # nvidia-smi is mounted into every container that gets a GPU through the NVIDIA Container
 # Toolkit (capability "utility" is in its default set), so the check needs nothing in the image.
 GPU_PROBE_COMMAND = ["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"]
@@ -166,25 +169,35 @@ def _text(value: str | bytes) -> str:
 
 
 class RecordedInventory:
-    """A recorded inventory from a JSON file, for machines without a GPU (tests, dry runs)."""
+    """A recorded inventory from a JSON file, for machines without a GPU (tests, dry runs).
+
+    The file is read again when it changes, so a recorded NVML process list can change under a
+    running agent (the GPU memory watch is tested that way); a rewrite that is not valid keeps
+    the last good record.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._record = load_inventory_file(self.path)
-        self._mtime = self.path.stat().st_mtime_ns
+        self._stamp = self._mtime()
 
     def describe(self) -> str:
         return f"recorded inventory {self.path}"
 
     def gpus(self) -> list[Gpu]:
-        """The record, read again when the file changed (a test or a dry run replaying utilization)."""
-        try:
-            mtime = self.path.stat().st_mtime_ns
-            if mtime != self._mtime:
-                self._record, self._mtime = load_inventory_file(self.path), mtime
-        except (OSError, UsageError):
-            pass  # mid-write or removed: the last good record stands
+        stamp = self._mtime()
+        if stamp != self._stamp:
+            try:
+                self._record, self._stamp = load_inventory_file(self.path), stamp
+            except UsageError as exc:
+                log.warning("%s; the previous record is kept", exc)
         return list(self._record.gpus)
+
+    def _mtime(self) -> int | None:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return None
 
 
 def load_inventory_file(path: Path) -> InventoryRecord:
@@ -225,14 +238,24 @@ class GpuRequestRefused(UsageError):
     field = "metadata.gpu"
 
 
+class GpuShare(_Frozen):
+    """Part of one GPU's memory booked for one instance."""
+
+    uuid: str
+    memory_bytes: int = Field(gt=0)
+
+
 class GpuAllocator:
-    """Whole GPUs handed to instances by UUID, each to one instance at a time, checkpointed."""
+    """Whole GPUs handed to instances by UUID, each to one instance at a time, and shares of
+    GPUs packed by memory; both checkpointed."""
 
     def __init__(self, inventory: GpuInventory, checkpoint_path: str | Path) -> None:
         self.inventory = inventory
         self.checkpoint_path = Path(checkpoint_path)
         self._lock = threading.Lock()
-        self._assignments = self._restore()
+        self._assignments: dict[str, tuple[str, ...]] = {}
+        self._shares: dict[str, GpuShare] = {}
+        self._restore()
 
     def check_request(self, count: int) -> None:
         """Refuse a deploy that asks for more GPUs than the node has at all."""
@@ -259,6 +282,8 @@ class GpuAllocator:
             self.check_request(count)
             gpus = self.inventory.gpus()
             taken = self._holders()
+            shared = {share.uuid: holder for holder, share in self._shares.items()}
+            taken.update({uuid: holder for uuid, holder in shared.items() if uuid not in taken})
             free = [gpu.uuid for gpu in sorted(gpus, key=lambda gpu: gpu.index) if taken.get(gpu.uuid, instance_id) == instance_id]
             if len(free) < count:
                 holders = sorted({holder for holder in taken.values() if holder != instance_id})
@@ -272,10 +297,66 @@ class GpuAllocator:
             log.info("GPUs %s assigned to %s", ", ".join(chosen), instance_id)
             return chosen
 
+    def allocate_share(self, instance_id: str, memory_bytes: int) -> GpuShare:
+        """A share of one GPU: the instance's existing one, else the best fit by booked memory.
+
+        Best fit (the GPU with the least room that still fits) keeps large holes for large
+        requests. Raises GpuRequestRefused when no GPU of the node is that large, GpusPending
+        with each GPU's free memory when none has room now.
+        """
+        with self._lock:
+            held = self._shares.get(instance_id)
+            if held is not None and held.memory_bytes == memory_bytes:
+                return held
+            gpus = sorted(self.inventory.gpus(), key=lambda gpu: gpu.index)
+            largest = max((gpu.memory_total_bytes for gpu in gpus), default=0)
+            if memory_bytes > largest:
+                raise GpuRequestRefused(
+                    f"metadata.gpu_memory: asks for {_gib(memory_bytes)} of one GPU but the largest GPU of this node has "
+                    f"{_gib(largest)} ({self.inventory.describe()}); lower metadata.gpu_memory or deploy to a node with larger GPUs"
+                )
+            room = self._share_room(gpus, besides=instance_id)
+            fits = [gpu for gpu in gpus if room[gpu.uuid] >= memory_bytes]
+            if not fits:
+                free = ", ".join(f"{_short(gpu.uuid)} {_gib(room[gpu.uuid])}" for gpu in gpus)
+                raise GpusPending(f"needs {_gib(memory_bytes)} of one GPU; free: {free}; waits until an instance releases GPU memory")
+            chosen = min(fits, key=lambda gpu: room[gpu.uuid])
+            share = GpuShare(uuid=chosen.uuid, memory_bytes=memory_bytes)
+            self._shares[instance_id] = share
+            self._save()
+            log.info("%s of GPU %s assigned to %s", _gib(memory_bytes), chosen.uuid, instance_id)
+            return share
+
+    def _share_room(self, gpus: Sequence[Gpu], *, besides: str) -> dict[str, int]:
+        """Memory not yet booked on each GPU (0 on one held whole), leaving out `besides`'s own share."""
+        whole = set(self._holders())
+        room = {gpu.uuid: 0 if gpu.uuid in whole else gpu.memory_total_bytes for gpu in gpus}
+        for holder, share in self._shares.items():
+            if holder != besides and share.uuid in room:
+                room[share.uuid] = max(0, room[share.uuid] - share.memory_bytes)
+        return room
+
+    def adopt_share(self, instance_id: str, share: GpuShare) -> None:
+        """Record a share found on a running instance (its `berth.gpus` and `berth.gpu-memory` labels)."""
+        with self._lock:
+            whole = self._holders().get(share.uuid)
+            if whole is not None and whole != instance_id:
+                raise CommandFailed(
+                    f"{instance_id} runs on a share of GPU {share.uuid}, which {whole} holds whole; "
+                    "stop one of them (`berth rm`) so shares and whole GPUs do not mix"
+                )
+            self._shares[instance_id] = share
+            self._save()
+
+    def share_of(self, instance_id: str) -> GpuShare | None:
+        with self._lock:
+            return self._shares.get(instance_id)
+
     def adopt(self, instance_id: str, uuids: Sequence[str]) -> None:
         """Record an assignment found on a running container (its `berth.gpus` label)."""
         with self._lock:
             taken = self._holders()
+            taken.update({share.uuid: holder for holder, share in self._shares.items()})
             clash = [uuid for uuid in uuids if taken.get(uuid, instance_id) != instance_id]
             if clash:
                 raise CommandFailed(
@@ -287,7 +368,8 @@ class GpuAllocator:
 
     def release(self, instance_id: str) -> None:
         with self._lock:
-            if self._assignments.pop(instance_id, None) is not None:
+            whole, share = self._assignments.pop(instance_id, None), self._shares.pop(instance_id, None)
+            if whole is not None or share is not None:
                 self._save()
                 log.info("GPUs of %s released", instance_id)
 
@@ -295,9 +377,10 @@ class GpuAllocator:
         """Drop assignments of instances that no longer exist (after re-adoption at start)."""
         keep = set(instance_ids)
         with self._lock:
-            gone = [instance for instance in self._assignments if instance not in keep]
+            gone = [instance for instance in {*self._assignments, *self._shares} if instance not in keep]
             for instance in gone:
-                del self._assignments[instance]
+                self._assignments.pop(instance, None)
+                self._shares.pop(instance, None)
             if gone:
                 self._save()
                 log.info("GPUs released from instances that no longer exist: %s", ", ".join(gone))
@@ -311,50 +394,76 @@ class GpuAllocator:
             return self._holders().get(uuid)
 
     def node_view(self) -> list[dict[str, object]]:
-        """Each GPU for `GET /v1/node`: the inventory, the instance holding it, and the container
-        of each process on it (NVML's host PIDs mapped through /proc/PID/cgroup)."""
+        """Each GPU for `GET /v1/node`: the inventory, the instance holding it whole or the shares
+        booked on it, and the container of each process on it (NVML's host PIDs mapped through
+        /proc/PID/cgroup)."""
         with self._lock:
             holders = self._holders()
-        return [{**_with_containers(gpu), "instance": holders.get(gpu.uuid)} for gpu in self.inventory.gpus()]
+            shares = dict(self._shares)
+        view = []
+        for gpu in self.inventory.gpus():
+            on_gpu = [{"instance": holder, "memory_bytes": share.memory_bytes}
+                      for holder, share in sorted(shares.items()) if share.uuid == gpu.uuid]
+            booked = sum(share["memory_bytes"] for share in on_gpu)
+            view.append({**_with_containers(gpu), "instance": holders.get(gpu.uuid), "shares": on_gpu,
+                         "booked_bytes": booked})
+        return view
 
     def _holders(self) -> dict[str, str]:
         return {uuid: instance for instance, uuids in self._assignments.items() for uuid in uuids}
 
     def _save(self) -> None:
         data = {instance: list(uuids) for instance, uuids in sorted(self._assignments.items())}
-        body = {"version": CHECKPOINT_VERSION, "assignments": data, "checksum": _checksum(data)}
+        shares = {instance: share.model_dump() for instance, share in sorted(self._shares.items())}
+        body = {"version": CHECKPOINT_VERSION, "assignments": data, "shares": shares,
+                "checksum": _checksum({"assignments": data, "shares": shares})}
         _write_atomically(self.checkpoint_path, json.dumps(body, indent=2) + "\n")
 
-    def _restore(self) -> dict[str, tuple[str, ...]]:
+    def _restore(self) -> None:
         try:
             body = json.loads(self.checkpoint_path.read_text())
         except FileNotFoundError:
-            return {}
+            return
         except (OSError, json.JSONDecodeError) as exc:
             return self._set_aside(f"unreadable ({exc})")
         data = body.get("assignments") if isinstance(body, dict) else None
-        if not isinstance(data, dict) or body.get("checksum") != _checksum(data):
+        shares = body.get("shares", {}) if isinstance(body, dict) else None
+        summed = data if isinstance(body, dict) and body.get("version") == 1 else {"assignments": data, "shares": shares}
+        if not isinstance(data, dict) or not isinstance(shares, dict) or body.get("checksum") != _checksum(summed):
             return self._set_aside("its checksum does not match its content")
+        try:
+            restored_shares = {instance: GpuShare.model_validate(share) for instance, share in shares.items()}
+        except ValidationError:
+            return self._set_aside("a share in it is malformed")
         known = {gpu.uuid for gpu in self.inventory.gpus()}
-        restored: dict[str, tuple[str, ...]] = {}
-        for instance, uuids in data.items():
+        for instance, uuids in [*data.items(), *((holder, [share.uuid]) for holder, share in restored_shares.items())]:
             missing = [uuid for uuid in uuids if uuid not in known]
             if missing:
                 log.warning("%s held GPU %s, which this node no longer has; its assignment is dropped", instance, ", ".join(missing))
-                continue
-            restored[instance] = tuple(uuids)
-        return restored
+            elif instance in restored_shares:
+                self._shares[instance] = restored_shares[instance]
+            else:
+                self._assignments[instance] = tuple(uuids)
 
-    def _set_aside(self, why: str) -> dict[str, tuple[str, ...]]:
+    def _set_aside(self, why: str) -> None:
         # Like the kubelet: carry on with no assignments rather than refuse to start; the agent
         # rebuilds them from its containers' `berth.gpus` labels (`adopt`).
         corrupt = self.checkpoint_path.with_name(self.checkpoint_path.name + ".corrupt")
         os.replace(self.checkpoint_path, corrupt)
         log.warning("GPU checkpoint %s is %s; moved to %s, assignments rebuilt from running containers", self.checkpoint_path, why, corrupt)
-        return {}
 
 
-def _checksum(data: Mapping[str, Sequence[str]]) -> str:
+def _gib(size: int) -> str:
+    """GiB as the spec's gpu_memory counts them: `20 GiB`, `12.5 GiB`, `0`."""
+    return f"{round(size / 2**30, 1):g} GiB" if size else "0"
+
+
+def _short(uuid: str) -> str:
+    """`GPU-14a03569`: enough of a UUID to tell a node's GPUs apart in one line."""
+    return uuid[:12]
+
+
+def _checksum(data: object) -> str:
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(canonical).hexdigest()
 

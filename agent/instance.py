@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import aiohttp
 
-from agent import coldstart, launch
+from agent import coldstart, gpu_share, launch
 from agent.config import AgentConfig
 from agent.disk import DISK_LIMIT_EXCEEDED
 from agent.gpus import GpuAllocator, GpuRequestRefused, GpusPending
@@ -146,6 +146,7 @@ class Lifecycle:
         self.by_runtime_id: dict[str, Instance] = {}
         self._early_exits: set[str] = set()
         self._gpus_freed = asyncio.Event()  # replaced after each release: Pending instances wait on it
+        self.vllm_starts = gpu_share.StartQueue()
 
     # --- runtime handles and exits ------------------------------------------------------------
 
@@ -228,9 +229,13 @@ class Lifecycle:
             except PullError as exc:
                 return await self._cannot_start(inst, f"ErrImagePull: {exc}", permanent=exc.permanent)
             inst.pull_s = time.monotonic() - pull_started
+        share = gpu_share.placement(self.gpus, inst.gpu_key, self.config.mps_pipe_directory)
+        if share is not None and gpu_share.is_vllm(spec):
+            await self._vllm_turn(inst, share.share.uuid)
         self.set(inst, State.STARTING, "")
-        request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports)
         try:
+            request = launch.build_request(spec, inst.revision, inst.slot, self.config, gpus=gpus, host_ports=self.host_ports,
+                                           share=share)
             handle = await asyncio.to_thread(self.runtime.start, request)
         except LaunchError as exc:
             if exc.instance_id is not None:  # kept for `docker inspect`; removed with the service
@@ -261,10 +266,13 @@ class Lifecycle:
         The instance keeps its GPUs across restarts (the same UUIDs, so its weights' GPU memory
         layout and NVML's view stay put); they are released when it is stopped for good.
         """
-        count = inst.spec.metadata.gpu
+        count, share_bytes = inst.spec.metadata.gpu, inst.spec.metadata.gpu_memory_bytes
         while True:
             try:
-                uuids = await asyncio.to_thread(self.gpus.allocate, inst.gpu_key, count)
+                if share_bytes is None:
+                    uuids = await asyncio.to_thread(self.gpus.allocate, inst.gpu_key, count)
+                else:
+                    uuids = ((await asyncio.to_thread(self.gpus.allocate_share, inst.gpu_key, share_bytes)).uuid,)
             except GpuRequestRefused as exc:  # the node has fewer GPUs now than when the spec was accepted
                 self.set(inst, State.FAILED, str(exc))
                 return None
@@ -276,10 +284,25 @@ class Lifecycle:
             if list(uuids) != inst.gpus:
                 inst.gpus = list(uuids)
                 self.persist(inst)
+                if share_bytes is not None:
+                    mps = gpu_share.detect_mps(self.config.mps_pipe_directory)
+                    self._event("GpuShare", f"{inst.spec.metadata.gpu_memory:g} GiB of GPU {uuids[0]}; "
+                                            f"{gpu_share.enforcement_note(inst.spec.metadata, mps)}", inst.service, inst)
             return inst.gpus
 
+    async def _vllm_turn(self, inst: Instance, uuid: str) -> None:
+        """Wait until no other vLLM engine is starting on this shared GPU (see gpu_share.StartQueue)."""
+        startup = inst.spec.container.startup_check
+        timeout = (startup.initial_delay_seconds + startup.period_seconds * startup.failure_threshold if startup
+                   else self.config.timings.rollout_ready_timeout_s)
+        await self.vllm_starts.wait_turn(
+            uuid, inst.gpu_key, timeout_s=timeout,
+            settled=lambda: inst.ready or inst.state in (State.BACKOFF, State.FAILED, State.EVICTED, State.STOPPED),
+            waiting=lambda holder: self.set(inst, State.PENDING, f"waits for the vLLM engine of {holder.split('@')[0]} to "
+                                                                 f"start on GPU {uuid} (vLLM engines on one GPU start one at a time)"))
+
     def release_gpus(self, inst: Instance) -> None:
-        if inst.spec.metadata.gpu == 0:
+        if inst.spec.metadata.gpu == 0 and inst.spec.metadata.gpu_memory is None:
             return
         self.gpus.release(inst.gpu_key)
         inst.gpus = []
@@ -390,7 +413,7 @@ class Lifecycle:
         inst.ready_since = None
         self.persist(inst)
         if inst.spec.runtime.enable_crash_block:
-            final = State.EVICTED if info.reason == DISK_LIMIT_EXCEEDED else State.FAILED
+            final = State.EVICTED if info.reason in (DISK_LIMIT_EXCEEDED, gpu_share.GPU_MEMORY_EXCEEDED) else State.FAILED
             self.set(inst, final, f"{detail}; not restarted (runtime.enable_crash_block)")
             return False
         await self._keep_previous_logs(inst)

@@ -8,16 +8,22 @@ or as the operator's own environment, never inside BERTH_SPEC and never in label
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import socket
 from typing import Iterable
 
 from agent import runtime as rt
 from agent.config import AgentConfig
+from agent.gpu_share import Placement
 from bootstrap import cache, units
 from bootstrap.spec import ServiceSpec, SpecIssue
 
 TOKEN_PATH = "/run/berth/token"
+SPEC_PATH = "/run/berth/spec.json"
+# One environment string may hold 128 KiB (MAX_ARG_STRLEN); a larger spec failed to launch with
+# "Argument list too long". Past this size the spec travels as a file that BERTH_SPEC names.
+SPEC_ENV_MAX_BYTES = 32 * 1024
 
 
 def _under(path: str, roots: Iterable[str]) -> bool:
@@ -31,20 +37,82 @@ def own_port(spec: ServiceSpec) -> bool:
     return "$PORT" in command or "${PORT}" in command
 
 
+def confined_path(path: str, roots: Iterable[str]) -> str | None:
+    """`path` resolved on the host, or None when it, or any link on the way, leaves every allowed root.
+
+    Strings alone are not enough: a symlink inside an allowed root that points at /etc passed a
+    string comparison. Links are followed one at a time, so one that leaves the root and comes
+    back is refused too (what it points at outside can change after the check).
+    """
+    for root in roots:
+        if _under(path, [root]):
+            real_root = os.path.realpath(root)
+            resolved = _resolve_within(real_root, posixpath.relpath(posixpath.normpath(path), posixpath.normpath(root)))
+            if resolved is not None:
+                return resolved
+    return None
+
+
+def _resolve_within(root: str, relative: str, max_links: int = 40) -> str | None:
+    current, pending = root, [part for part in relative.split("/") if part not in ("", ".")]
+    while pending:
+        candidate = posixpath.normpath(posixpath.join(current, pending.pop(0)))  # `current` holds no link: '..' is lexical
+        if not _under(candidate, [root]):
+            return None
+        if not os.path.islink(candidate):
+            current = candidate
+            continue
+        max_links -= 1
+        target = posixpath.normpath(posixpath.join(current, os.readlink(candidate)))
+        if max_links < 0 or not _under(target, [root]):
+            return None
+        current, pending = root, [part for part in posixpath.relpath(target, root).split("/") if part != "."] + pending
+    return current
+
+
+def refused_ports(config: AgentConfig) -> dict[int, str]:
+    """Ports on this host that no spec may use as its app port: the agent's own listeners.
+
+    A spec whose app port was the agent API's went Ready and put the API on its proxy port. The
+    gateway adds its ports here.
+    """
+    ports: dict[int, str] = {}
+    if not config.listen.startswith("unix:"):
+        ports[int(config.listen.rpartition(":")[2])] = "the berth agent's API"
+    return ports
+
+
+def service_root(config: AgentConfig, service: str) -> str:
+    """The process runtime's directory for one service's mounts: berth creates it and removes it with the instance."""
+    return str(config.state_dir.resolve() / "mounts" / service)
+
+
 def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, app_ports_in_use: dict[int, str],
-                 gpu_capacity: int, count: int | None = None) -> list[SpecIssue]:
+                 gpu_capacity: int, process_runtime: bool = False, count: int | None = None) -> list[SpecIssue]:
     """What the operator's configuration forbids, each named by its JSON path and what to do.
 
     `count`: the instances asked (`berth scale`); by default the spec's, or its autoscaler's max.
     """
     issues: list[SpecIssue] = []
+    if process_runtime:
+        # No mount namespace: a mount_path is a real host path. Only berth's own directory, or
+        # one the operator chose, may receive links, mounts and directories.
+        own = service_root(config, spec.name)
+        for index, entry in enumerate(spec.storage):
+            if not _under(entry.mount_path, [own, *config.process_mount_roots]):
+                issues.append(SpecIssue(
+                    f"storage[{index}].mount_path",
+                    f"{entry.mount_path} is a host path under the process runtime (no mount namespace); mount under "
+                    f"{own}/ (berth's own, removed with the service), or the operator can allow a root with "
+                    f"process_mount_roots in the agent config (allowed: {', '.join(config.process_mount_roots) or 'none'})",
+                ))
     local_roots = [root for root in config.allow_host_paths if root.startswith("/")]
     nfs_roots = [root for root in config.allow_host_paths if not root.startswith("/")]
     for index, entry in enumerate(spec.storage):
-        if entry.local is not None and not _under(entry.local.path, local_roots):
+        if entry.local is not None and confined_path(entry.local.path, local_roots) is None:
             issues.append(SpecIssue(
                 f"storage[{index}].local.path",
-                f"{entry.local.path} is not under a host path the operator allows "
+                f"{entry.local.path} is not under a host path the operator allows, once symlinks are resolved "
                 f"({', '.join(local_roots) or 'none allowed'}); the operator can add one with "
                 "`berth agent --allow-host-path DIR`",
             ))
@@ -76,7 +144,12 @@ def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, ap
                 "or use the bridge network",
             ))
         owner = app_ports_in_use.get(port)
-        if owner is not None and owner != spec.name:
+        if port in refused_ports(config):
+            issues.append(SpecIssue(
+                "containers[0].port",
+                f"app port {port} is {refused_ports(config)[port]} on this host; the proxy would republish it: pick another port",
+            ))
+        elif owner is not None and owner != spec.name:
             issues.append(SpecIssue(
                 "containers[0].port",
                 f"app port {port} is already bound on this host by service {owner!r}; pick another port",
@@ -92,12 +165,19 @@ def free_port(host: str) -> int:
 
 
 def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConfig, *, gpus: list[str],
-                  host_ports: bool) -> rt.LaunchRequest:
+                  host_ports: bool, share: Placement | None = None) -> rt.LaunchRequest:
     container = spec.container
-    env = {**config.env, **container.env_dict()}
-    env["BERTH_SPEC"] = json.dumps(spec.to_json_dict(reveal_secrets=True, exclude_secrets=True))
-    env["BERTH_CACHE_DIR"] = str(config.cache_dir)
+    # The operator's variables win over the spec's (a spec once pointed OSS_ENDPOINT elsewhere);
+    # `env_for` scopes the operator's variables to one service.
+    env = {**container.env_dict(), **config.env, **config.env_for.get(spec.name, {})}
     secret_files: dict[str, bytes] = {}
+    spec_json = json.dumps(spec.to_json_dict(reveal_secrets=True, exclude_secrets=True))
+    if len(spec_json.encode()) > SPEC_ENV_MAX_BYTES:
+        secret_files[SPEC_PATH] = spec_json.encode()
+        env["BERTH_SPEC"] = SPEC_PATH
+    else:
+        env["BERTH_SPEC"] = spec_json
+    env["BERTH_CACHE_DIR"] = str(config.cache_dir)
     if spec.token is not None:
         secret_files[TOKEN_PATH] = spec.token.get_secret_value().encode()
         env["BERTH_SERVICE_TOKEN_FILE"] = TOKEN_PATH
@@ -107,9 +187,15 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
     for extra in config.read_only_mounts:
         source, _, target = extra.partition(":")
         mounts.append(rt.Mount(target=target or source, source=source, read_only=True))
+    local_roots = [root for root in config.allow_host_paths if root.startswith("/")]
     for entry in spec.storage:
         if entry.local is not None:
-            mounts.append(rt.Mount(target=entry.mount_path, source=entry.local.path))
+            # Resolved again at launch: a link may have changed since the deploy's check.
+            source = confined_path(entry.local.path, local_roots)
+            if source is None:
+                raise rt.LaunchError(f"storage {entry.mount_path}: {entry.local.path} leaves the host paths the operator "
+                                     "allows once symlinks are resolved", permanent=True)
+            mounts.append(rt.Mount(target=entry.mount_path, source=source, read_only=entry.local.read_only))
         elif entry.nfs is not None:
             mounts.append(rt.Mount(target=entry.mount_path, source=entry.nfs.path, kind="nfs",
                                    read_only=entry.nfs.read_only, nfs_server=entry.nfs.server))
@@ -129,6 +215,11 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         rt.LABEL_GRACE: str(spec.metadata.grace_s),
         rt.LABEL_AGENT: agent_label(config),
     }
+    if share is not None:
+        env.update(share.env(spec.metadata.gpu_core_percentage))
+        labels[rt.LABEL_GPU_MEMORY] = str(share.share.memory_bytes)
+        if share.mps is not None:
+            mounts.append(rt.Mount(target=share.mps.pipe_directory, source=share.mps.pipe_directory))
     proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None
     app_port = container.port
@@ -149,7 +240,8 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         memory_bytes=spec.metadata.memory_bytes, shm_bytes=spec.metadata.shm_bytes, gpus=gpus,
         grace_s=spec.metadata.grace_s, network="host" if host_ports else "bridge", host_ip=config.host_ip,
         app_port=app_port, bootstrap=container.bootstrap, proxy=proxy, proxy_port=proxy_port, admin_port=admin_port, fuse=fuse,
-        disk_limit_bytes=spec.features.disk_limit_bytes,
+        disk_limit_bytes=spec.features.disk_limit_bytes, storage_paths=tuple(entry.mount_path for entry in spec.storage),
+        ipc_host=share is not None and share.mps is not None,
     )
 
 

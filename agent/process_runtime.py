@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import site
 import subprocess
@@ -26,7 +27,8 @@ from typing import Callable, Iterator
 import psutil
 
 from agent.config import AgentConfig
-from agent.runtime import ExitInfo, Handle, LaunchError, LaunchRequest
+from agent.launch import service_root
+from agent.runtime import LABEL_SERVICE, ExitInfo, Handle, LaunchError, LaunchRequest
 
 log = logging.getLogger("berth.agent.process")
 
@@ -35,7 +37,8 @@ LIMITATIONS = [
     "shm_size is not applied: instances share the host's /dev/shm",
     "GPU isolation is by CUDA_VISIBLE_DEVICES only",
     "the image is not used: berth and the service's command must exist on this host",
-    "storage: local paths are linked at their mount path, nfs is not mounted",
+    "storage: mount paths must lie under <state_dir>/mounts/SERVICE (or a process_mount_roots entry); local paths "
+    "are linked there, so readOnly is not enforced; nfs is not mounted",
     "the system-disk limit (extra-ephemeral-storage) is neither enforced nor measured",
     "a lost GPU is not detected (no in-container check)",
 ]
@@ -74,7 +77,7 @@ class ProcessRuntime:
         status_path = self._records / f"{request.name}.status.json"
         status_path.unlink(missing_ok=True)
         env["BERTH_STATUS_FILE"] = str(status_path)
-        with open(log_path, "ab") as output:
+        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as output:
             try:
                 child = subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, cwd=self._config.state_dir)
@@ -86,7 +89,8 @@ class ProcessRuntime:
             "id": request.name, "pid": child.pid, "create_time": psutil.Process(child.pid).create_time(),
             "labels": request.labels, "host_ip": request.host_ip, "proxy_port": request.proxy_port,
             "admin_port": request.admin_port, "app_port": None if request.proxy else request.app_port,
-            "log": str(log_path), "status": str(status_path),
+            "log": str(log_path), "status": str(status_path), "root": service_root(self._config, request.service),
+            "storage_paths": list(request.storage_paths),
         }
         self._record_path(request.name).write_text(json.dumps(record))
         return self._handle(record)
@@ -107,6 +111,7 @@ class ProcessRuntime:
         return str(python)
 
     def _prepare_mounts(self, request: LaunchRequest) -> None:
+        Path(service_root(self._config, request.service)).mkdir(parents=True, exist_ok=True, mode=0o700)
         for mount in request.mounts:
             target = Path(mount.target)
             if mount.kind == "bind" and mount.source and not target.exists() and mount.source != mount.target:
@@ -122,7 +127,8 @@ class ProcessRuntime:
                 handle.write(content)
 
     def _environment(self, request: LaunchRequest, bin_dir: Path) -> dict[str, str]:
-        env = {key: os.environ[key] for key in ("HOME", "LANG", "TZ", "SSL_CERT_FILE") if key in os.environ}
+        # PYTHONPATH: the instance runs the same berth as the agent (a checkout on PYTHONPATH included).
+        env = {key: os.environ[key] for key in ("HOME", "LANG", "TZ", "SSL_CERT_FILE", "PYTHONPATH") if key in os.environ}
         env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}"
         env.update(request.env)
         env["BERTH_ADMIN_PORT"] = str(request.admin_port)
@@ -130,8 +136,11 @@ class ProcessRuntime:
             env["BERTH_PROXY_PORT"] = str(request.proxy_port)
         if request.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(request.gpus)
-        if "BERTH_SERVICE_TOKEN_FILE" in env:
-            env["BERTH_SERVICE_TOKEN_FILE"] = str(self._config.state_dir / "secrets" / request.name / "token")
+        env["BERTH_LISTEN_HOST"] = request.host_ip
+        # Files the request places at container paths (token, a large spec) live under the state directory here.
+        for target in request.secret_files:
+            local = str(self._config.state_dir / "secrets" / request.name / Path(target).name)
+            env.update({name: local for name, value in env.items() if value == target})
         return env
 
     def _record_path(self, instance_id: str) -> Path:
@@ -220,10 +229,38 @@ class ProcessRuntime:
         record = self._read(instance_id)
         if record is not None:
             self.stop(instance_id, 0)
+            # The directory is the service's: a stray's removal must not pull it from under a live instance.
+            if not any(other.id != instance_id and other.running and other.service == record["labels"].get(LABEL_SERVICE)
+                       for other in self.list()):
+                self._undo_storage(record)
+            shutil.rmtree(self._config.state_dir / "secrets" / instance_id, ignore_errors=True)
             for path in (self._record_path(instance_id), Path(record["status"])):
                 path.unlink(missing_ok=True)
         with self._lock:
             self._children.pop(instance_id, None)
+
+    @staticmethod
+    def _undo_storage(record: dict) -> None:
+        """Undo what the instance and its `berth boot` placed: mounts (a tmpfs, a bind, FUSE), links, directories.
+
+        Never a recursive delete through a mount: the tree is removed only once nothing is mounted in it.
+        """
+        root = record.get("root")
+        paths = [path for path in record.get("storage_paths", []) if not (root and _within(path, root))]
+        for mount_point in sorted(_mounts_under([root, *paths] if root else paths), key=len, reverse=True):
+            result = subprocess.run(["umount", "-l", mount_point], capture_output=True, text=True)
+            if result.returncode != 0:
+                log.warning("storage %s: cannot unmount: %s", mount_point, result.stderr.strip())
+        for path in map(Path, paths):  # under an operator's root: only what the instance made
+            if path.is_symlink():
+                path.unlink()
+            elif path.is_dir() and not os.path.ismount(path) and not any(path.iterdir()):
+                path.rmdir()
+        if root and Path(root).exists():
+            if _mounts_under([root]):
+                log.warning("storage %s: still mounted; left in place", root)
+            else:
+                shutil.rmtree(root, ignore_errors=True)
 
     def logs(self, instance_id: str, *, tail: int | None, follow: bool) -> Iterator[bytes]:
         record = self._read(instance_id)
@@ -257,6 +294,19 @@ class ProcessRuntime:
     def disk_usage(self, instance_id: str, empty_dir_paths: list[str]) -> None:
         return None  # see LIMITATIONS
 
+    def instance_of_pid(self, pid: int) -> str | None:
+        """Each instance runs in its own session, led by the recorded process: a PID belongs to
+        the record whose pid is its session id."""
+        try:
+            session = os.getsid(pid)
+        except OSError:
+            return None
+        for path in self._records.glob("*.json"):
+            record = None if path.name.endswith(".status.json") else self._read(path.stem)
+            if record is not None and record["pid"] == session and self._alive(record):
+                return record["id"]
+        return None
+
     def check_gpus(self, instance_id: str, uuids: list[str]) -> None:
         return None  # see LIMITATIONS
 
@@ -265,3 +315,17 @@ class ProcessRuntime:
 
     def close(self) -> None:
         return None
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _mounts_under(roots: list[str]) -> list[str]:
+    """Mount points at or under any of `roots`, from this process's mount table."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    points = [line.split()[4].encode().decode("unicode_escape") for line in lines]
+    return [point for point in points if any(_within(point, root) for root in roots)]

@@ -21,6 +21,7 @@ LABEL_SERVICE = "berth.service"
 LABEL_INSTANCE = "berth.instance"
 LABEL_REVISION = "berth.revision"
 LABEL_GPUS = "berth.gpus"
+LABEL_GPU_MEMORY = "berth.gpu-memory"  # bytes of the GPU in berth.gpus booked for a share of it
 LABEL_GRACE = "berth.grace"
 LABEL_PROXY_PORT = "berth.proxy-port"
 LABEL_ADMIN_PORT = "berth.admin-port"
@@ -68,6 +69,8 @@ class LaunchRequest:
     admin_port: int | None = None
     fuse: bool = False
     disk_limit_bytes: int | None = None  # a hard quota where the runtime can enforce one
+    storage_paths: tuple[str, ...] = ()  # every spec mount_path: what the process runtime undoes at removal
+    ipc_host: bool = False  # the host's IPC namespace (MPS clients need it)
 
 
 @dataclass
@@ -161,6 +164,9 @@ class Runtime(Protocol):
 
     def disk_usage(self, instance_id: str, empty_dir_paths: list[str]) -> "DiskUsage | None":
         """What the instance occupies on the node's disk; None where this runtime cannot measure it."""
+
+    def instance_of_pid(self, pid: int) -> str | None:
+        """The instance a host PID (as NVML reports it) runs in, or None."""
 
     def check_gpus(self, instance_id: str, uuids: list[str]) -> "GpuCheck | None":
         """Whether the running instance still sees its GPUs; None where this runtime cannot tell."""

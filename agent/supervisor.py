@@ -28,14 +28,14 @@ from typing import Any, AsyncIterator
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from agent import launch, scaling
+from agent import gpu_share, launch, scaling
 from agent.config import AgentConfig
 from agent.disk import DiskLimitPolicy
-from agent.gpus import GpuAllocator, open_inventory
+from agent.gpus import GpuAllocator, GpuShare, open_inventory
 from agent.instance import Instance, Lifecycle, State, cancel
 from agent.reconcile import Reconciler, Service
 from agent.revision import revision as revision_of
-from agent.runtime import LABEL_GPUS, Handle, Runtime
+from agent.runtime import LABEL_GPU_MEMORY, LABEL_GPUS, Handle, Runtime
 from agent.state import Store
 from bootstrap.errors import CommandFailed
 from bootstrap.spec import ServiceSpec, SpecError, SpecIssue, parse_spec
@@ -65,6 +65,7 @@ class Supervisor:
         self.services: dict[str, Service] = {}
         self.metrics = Metrics()
         self.gpus = GpuAllocator(open_inventory(config.gpu_inventory_file), config.state_dir / "gpu-checkpoint.json")
+        self.gpu_watch = gpu_share.MemoryWatch()
         self.host_ports = config.network == "host" or runtime.name == "process"
         self.lifecycle = Lifecycle(config, runtime, store, self.gpus, self.metrics, self._event, self._count_states,
                                    self.host_ports)
@@ -94,6 +95,7 @@ class Supervisor:
         for period, housekeeping in ((timings.reaper_period_s, self.reap_strays),
                                      (timings.eviction_period_s, self.evict_over_disk_limit),
                                      (timings.gpu_check_period_s, self.check_gpus),
+                                     (timings.gpu_watch_period_s, self.watch_gpu_memory),
                                      (timings.image_gc_period_s, self.collect_images),
                                      (self.config.autoscale_period_s, self.autoscaling.tick)):
             self._spawn(self._every(period, housekeeping))
@@ -167,7 +169,10 @@ class Supervisor:
         if not uuids:
             return
         try:
-            self.gpus.adopt(inst.gpu_key, uuids)
+            if share := handle.labels.get(LABEL_GPU_MEMORY):
+                self.gpus.adopt_share(inst.gpu_key, GpuShare(uuid=uuids[0], memory_bytes=int(share)))
+            else:
+                self.gpus.adopt(inst.gpu_key, uuids)
             inst.gpus = uuids
         except CommandFailed as exc:
             self._event("GpuConflict", str(exc), inst.service, inst)
@@ -182,7 +187,9 @@ class Supervisor:
         """Raise SpecError (422) for what the operator's policy forbids."""
         ports = {svc.spec.container.port: name for name, svc in self.services.items() if not svc.deleting}
         issues = launch.check_policy(spec, self.config, host_ports=self.host_ports, app_ports_in_use=ports,
-                                     gpu_capacity=self.gpu_capacity(), count=count)
+                                     gpu_capacity=self.gpu_capacity(), process_runtime=self.runtime.name == "process",
+                                     count=count)
+        issues += gpu_share.share_issues(spec.metadata, self.gpus.inventory.gpus())
         if issues:
             raise SpecError(issues)
 
@@ -333,12 +340,30 @@ class Supervisor:
                 continue
             usage = await asyncio.to_thread(self.runtime.disk_usage, inst.handle.id, list(policy.empty_dirs))
             eviction = policy.check(usage) if usage is not None else None
-            if eviction is None or inst.handle is None:
-                continue
-            inst.stopped_by_agent = (eviction.reason, eviction.message)
-            self._event(eviction.reason, eviction.message, inst.service, inst)
-            self.lifecycle.set(inst, State.EVICTED, eviction.message)
-            await self.lifecycle.terminate(inst, self.config.timings.eviction_grace_s)
+            if eviction is not None and inst.handle is not None:
+                await self._evict(inst, eviction.reason, eviction.message)
+
+    async def _evict(self, inst: Instance, reason: str, message: str) -> None:
+        """Stop an instance over a limit with the eviction grace; its lifecycle restarts it with backoff."""
+        inst.stopped_by_agent = (reason, message)
+        self._event(reason, message, inst.service, inst)
+        self.lifecycle.set(inst, State.EVICTED, message)
+        await self.lifecycle.terminate(inst, self.config.timings.eviction_grace_s)
+
+    async def watch_gpu_memory(self) -> None:
+        """Hold each GPU share to its size through NVML's per-process memory (soft enforcement;
+        see agent/gpu_share.py)."""
+        shared = {inst.gpu_key: inst for inst in self._running() if inst.spec.metadata.gpu_memory is not None}
+        shares = {key: share for key in shared if (share := self.gpus.share_of(key)) is not None}
+        owners = {inst.handle.id: key for key, inst in shared.items()}
+
+        def measure() -> dict[str, int]:
+            return gpu_share.used_by_instance(self.gpus.inventory.gpus(), owners, self.runtime.instance_of_pid)
+
+        for excess in self.gpu_watch.check(shares, await asyncio.to_thread(measure) if shares else {}):
+            inst = shared[excess.key]
+            if inst.handle is not None:
+                await self._evict(inst, gpu_share.GPU_MEMORY_EXCEEDED, excess.message)
 
     async def check_gpus(self) -> None:
         """Recreate instances whose container lost its GPUs (NVML "Unknown Error" after a driver or

@@ -38,7 +38,6 @@ from tests.test_agent_rollout import versioned_spec
 def rollout_round(agent: Agent, name: str, image: str, version: int, rate: float, folder: Path) -> dict:
     config = folder / f"v{version}.json"
     spec = versioned_spec(name, image, str(version))
-    spec["containers"][0]["env"] = [e for e in spec["containers"][0]["env"] if e["name"] != "BERTH_DRAIN_DELAY"]
     config.write_text(json.dumps(spec))
     with SteadyLoad(lambda: agent.service(name)["endpoints"], path="/version", rate_per_s=rate) as load:
         time.sleep(5)
@@ -95,7 +94,6 @@ def main() -> int:
         try:
             name = f"bench-roll-{uuid.uuid4().hex[:6]}"
             first = versioned_spec(name, image, "0")
-            first["containers"][0]["env"] = [e for e in first["containers"][0]["env"] if e["name"] != "BERTH_DRAIN_DELAY"]
             if agent.deploy(first, "--wait").returncode != 0:
                 raise SystemExit("deploy failed")
             rounds = [rollout_round(agent, name, image, n + 1, args.rate, Path(root)) for n in range(args.rounds)]

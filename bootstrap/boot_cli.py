@@ -66,6 +66,9 @@ SETTINGS = (
     Setting("--admin-port", "BERTH_ADMIN_PORT", int, 9090, "the admin port: /ready /live /status /metrics", metavar="PORT"),
     Setting("--app-metrics-path", "BERTH_APP_METRICS_PATH", str, "/metrics", "the app's own Prometheus page, re-exported on "
             "the admin /metrics (for custom[GAUGE] autoscaling); off when it answers 404, or with ''", metavar="PATH"),
+    Setting("--listen-host", "BERTH_LISTEN_HOST", str, "0.0.0.0", "the address the proxy and admin ports bind: 0.0.0.0 in a "
+            "container (the engine's port mapping decides who reaches it); the agent passes its host IP under the process "
+            "runtime and host networking", metavar="ADDR"),
     Setting("--warmup", "BERTH_WARMUP", str, None, "warmup requests, JSON lines (spec: warm_up_data_path)",
             lambda s: s.warm_up_data_path, "FILE"),
     Setting("--warmup-policy", "BERTH_WARMUP_POLICY", str, "fail", "fail: a failed warmup fails the boot (exit 1); ignore: log it and go READY",
@@ -242,8 +245,8 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
     if not command and not args.vllm:
         raise UsageError("no command to run: give it after '--' (berth boot -- python app.py) or in the spec's containers[0].command")
     child_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
-    if spec is not None:
-        child_env.update(spec.container.env_dict())
+    if spec is not None:  # what the environment sets (the operator's, through the agent) wins over the spec
+        child_env = {**spec.container.env_dict(), **child_env}
     proxy = None
     if not values["no_proxy"]:
         proxy = ProxyConfig(
@@ -257,7 +260,7 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
                         cache_dir=values["cache_dir"], stop_timeout_s=child_stop_timeout(values["stop_timeout"], values["grace"]))
     config = BootConfig(
         engine=engine or UserCommand(command), spec=spec, app_port=values["port"], proxy=proxy, proxy_port=values["proxy_port"],
-        admin_port=values["admin_port"], app_metrics_path=None if engine else values["app_metrics_path"] or None,
+        admin_port=values["admin_port"], host=values["listen_host"], app_metrics_path=None if engine else values["app_metrics_path"] or None,
         warmup_file=warmup_file(values["warmup"], spec), warmup_policy=values["warmup_policy"],
         drain_delay=values["drain_delay"], grace=values["grace"], stop_timeout=values["stop_timeout"],
         startup_timeout=values["startup_timeout"], probe_interval=values["probe_interval"], cache_dir=values["cache_dir"],

@@ -188,6 +188,9 @@ async def _empty_dir(entry: Storage) -> None:
     spec = entry.empty_dir
     if not spec.in_memory or os.path.ismount(target):
         return
+    if any(target.iterdir()):
+        raise PrepareError(f"storage {entry.mount_path}: the directory is not empty and a tmpfs would hide its files; "
+                           "choose another mount_path")
     options = "mode=1777" + (f",size={parse_quantity(spec.size_limit)}" if spec.size_limit is not None else "")
     process = await asyncio.create_subprocess_exec(
         "mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target),

@@ -14,8 +14,11 @@ agent warns about fields it does not know and boots anyway.
 
 from __future__ import annotations
 
+import collections
+import copy
 import difflib
 import json
+import math
 import posixpath
 import re
 import types
@@ -49,6 +52,22 @@ DEFAULT_REQUEST_TIMEOUT_S = 600.0  # without rpc.keepalive: LLM streams are long
 DEFAULT_GRACE_S = 30
 EXTRA_EPHEMERAL_STORAGE = "eas.aliyun.com/extra-ephemeral-storage"
 
+# Upper bounds: what one node can mean. Without them `memory: 10**18` or a grace of 10**12 s
+# passed validation and failed (or hung) far from the spec.
+MAX_DEPTH = 32  # JSON nesting; EAS configs need 5
+MAX_INSTANCES = 1000  # as the autoscaler's max
+MAX_CPU = 1024  # cores
+MAX_MEMORY_MB = 16 * 1024 * 1024  # 16 TiB
+MAX_GPUS = 64
+MAX_SHM_GB = 1024
+MAX_GRACE_S = 86400  # a day
+MAX_PROBE_S = 86400
+MAX_THRESHOLD = 10000
+MAX_QUEUE = 1_000_000
+# Mount paths that would hide or expose the system a service runs on.
+SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+               "/boot", "/run", "/var/lib/docker")
+
 # EAS fields that mean something only to EAS's cluster, never to one node. They are accepted,
 # so configs written for EAS work unchanged, and each is named in a warning.
 NOT_ON_ONE_NODE: dict[str, dict[str, str]] = {
@@ -67,7 +86,6 @@ NOT_ON_ONE_NODE: dict[str, dict[str, str]] = {
         "resource": "EAS's dedicated resource groups",
         "qos": "EAS's QoS classes",
         "resource_burstable": "EAS's burstable resources",
-        "gpu_memory": "GPU sharing, which berth does not do yet: each instance gets whole GPUs",
     },
     "metadata.rpc": {
         "worker_threads": "EAS's processor threads (the proxy is asynchronous)",
@@ -94,7 +112,7 @@ Secret = Annotated[
     ),
 ]
 def _checked_quantity(value: str | int) -> str | int:
-    units.parse_quantity(value)  # raises with the accepted forms
+    units.parse_quantity(value)  # raises with the accepted forms and the upper bound
     return value
 
 
@@ -114,7 +132,7 @@ def _exactly_one(model: BaseModel, names: tuple[str, ...]) -> None:
 class SpecModel(BaseModel):
     """Base of every part of the spec: EAS names, Python names accepted in code."""
 
-    model_config = ConfigDict(populate_by_name=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 # --- metadata -------------------------------------------------------------------------------
@@ -131,9 +149,9 @@ def check_name(value: str, what: str = "service") -> str:
 
 
 class Rpc(SpecModel):
-    keepalive: int | None = Field(None, gt=0, description="request timeout in milliseconds")
+    keepalive: int | None = Field(None, gt=0, le=MAX_PROBE_S * 1000, description="request timeout in milliseconds")
     enable_sigterm: bool = False
-    max_queue_size: int | None = Field(None, ge=0, description="requests queued beyond the concurrency limit")
+    max_queue_size: int | None = Field(None, ge=0, le=MAX_QUEUE, description="requests queued beyond the concurrency limit")
 
 
 class RollingStrategy(SpecModel):
@@ -144,8 +162,8 @@ class RollingStrategy(SpecModel):
     @classmethod
     def _count_or_percent(cls, value: int | str) -> int | str:
         if isinstance(value, int):
-            if value < 0:
-                raise ValueError(f"{value} is negative; give 0 or more, or a percentage like '25%'")
+            if not 0 <= value <= MAX_INSTANCES:
+                raise ValueError(f"{value}: give 0 to {MAX_INSTANCES}, or a percentage like '25%'")
             return value
         if not re.fullmatch(r"\d+(\.\d+)?%", value) or float(value[:-1]) > 100:
             raise ValueError(f"{value!r} is neither a count nor a percentage between '0%' and '100%'")
@@ -160,16 +178,20 @@ class RollingStrategy(SpecModel):
 
 
 class EasOptions(SpecModel):
-    termination_grace_period: int = Field(DEFAULT_GRACE_S, ge=0, description="seconds from SIGTERM to SIGKILL")
+    termination_grace_period: int = Field(DEFAULT_GRACE_S, ge=0, le=MAX_GRACE_S, description="seconds from SIGTERM to SIGKILL")
 
 
 class Metadata(SpecModel):
     name: str
-    instance: int = Field(1, ge=0)
-    cpu: float | None = Field(None, gt=0, description="CPU cores")
-    memory: int | None = Field(None, gt=0, description="memory limit in MB (MiB)")
-    gpu: int = Field(0, ge=0)
-    shm_size: float | None = Field(None, gt=0, description="shared memory in GB (GiB); fractions allowed")
+    instance: int = Field(1, ge=0, le=MAX_INSTANCES)
+    cpu: float | None = Field(None, gt=0, le=MAX_CPU, description="CPU cores")
+    memory: int | None = Field(None, gt=0, le=MAX_MEMORY_MB, description="memory limit in MB (MiB)")
+    gpu: int = Field(0, ge=0, le=MAX_GPUS, description="whole GPUs")
+    gpu_memory: float | None = Field(
+        None, gt=0, description="GB (GiB in berth, as EAS's GB) of one GPU shared with other instances; gpu then 0 or absent")
+    gpu_core_percentage: int | None = Field(
+        None, ge=1, le=100, description="share of that GPU's compute, 1..100; needs gpu_memory; enforced only under MPS")
+    shm_size: float | None = Field(None, gt=0, le=MAX_SHM_GB, description="shared memory in GB (GiB); fractions allowed")
     rpc: Rpc = Field(default_factory=Rpc)
     rolling_strategy: RollingStrategy = Field(default_factory=RollingStrategy)
     eas: EasOptions = Field(default_factory=EasOptions)
@@ -185,9 +207,25 @@ class Metadata(SpecModel):
     def _group(cls, value: str | None) -> str | None:
         return None if value is None else check_name(value, "group")
 
+    @model_validator(mode="after")
+    def _gpu_share(self) -> "Metadata":
+        # EAS silently ignores the share fields when gpu > 0; here that config is an error, so
+        # nobody believes an instance is limited to a share while it holds whole GPUs.
+        share = [name for name in ("gpu_memory", "gpu_core_percentage") if getattr(self, name) is not None]
+        if share and self.gpu > 0:
+            raise ValueError(f"{' and '.join(share)} ask for a share of one GPU, gpu = {self.gpu} for whole GPUs: "
+                             "give one or the other (gpu 0 or absent with a share)")
+        if self.gpu_core_percentage is not None and self.gpu_memory is None:
+            raise ValueError("gpu_core_percentage needs gpu_memory (the share of one GPU it applies to)")
+        return self
+
     @property
     def memory_bytes(self) -> int | None:
         return None if self.memory is None else units.mebibytes(self.memory)
+
+    @property
+    def gpu_memory_bytes(self) -> int | None:
+        return None if self.gpu_memory is None else units.gibibytes(self.gpu_memory)
 
     @property
     def shm_bytes(self) -> int | None:
@@ -214,6 +252,9 @@ class EnvVar(SpecModel):
     def _env_name(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value):
             raise ValueError(f"{value!r} is not a valid environment variable name")
+        if value.upper().startswith("BERTH_"):
+            raise ValueError(f"{value}: BERTH_* variables are berth's own settings, set by the agent and its operator; "
+                             "a spec cannot set them (use the spec's fields, or ask the operator for env_for in the agent config)")
         return value
 
     @field_validator("value", mode="before")
@@ -222,7 +263,18 @@ class EnvVar(SpecModel):
         # EAS configs often carry numbers and booleans here; the environment holds strings.
         if isinstance(value, bool):
             return "true" if value else "false"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("not a finite number")
         return str(value) if isinstance(value, (int, float)) else value
+
+    @field_validator("value")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        # The value itself is never echoed: it may be a secret.
+        if "\n" in value or "\r" in value:
+            raise ValueError("the value holds a line break, which an environment variable cannot carry safely; "
+                             "put multi-line content in a file (storage) and pass its path")
+        return value
 
     @model_serializer(mode="wrap")
     def _redact(self, handler: Any, info: SerializationInfo) -> dict[str, Any]:
@@ -244,6 +296,10 @@ class HttpGet(SpecModel):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
+        # A CR/LF here once injected a second request into the app's connection.
+        if re.search(r"[\x00-\x20\x7f]", value):
+            raise ValueError(f"{value!r} holds a space or a control character; give a URL path such as /health "
+                             "(percent-encode what needs it)")
         return value if value.startswith("/") else "/" + value
 
 
@@ -265,11 +321,11 @@ class Probe(SpecModel):
     http_get: HttpGet | None = None
     tcp_socket: TcpSocket | None = None
     exec: ExecAction | None = None
-    initial_delay_seconds: float = Field(0, ge=0)
-    period_seconds: float = Field(10, gt=0)
-    timeout_seconds: float = Field(1, gt=0)
-    failure_threshold: int = Field(3, ge=1)
-    success_threshold: int = Field(1, ge=1)
+    initial_delay_seconds: float = Field(0, ge=0, le=MAX_PROBE_S)
+    period_seconds: float = Field(10, gt=0, le=MAX_PROBE_S)
+    timeout_seconds: float = Field(1, gt=0, le=MAX_PROBE_S)
+    failure_threshold: int = Field(3, ge=1, le=MAX_THRESHOLD)
+    success_threshold: int = Field(1, ge=1, le=MAX_THRESHOLD)
 
     @model_validator(mode="after")
     def _one_action(self) -> "Probe":
@@ -388,6 +444,7 @@ class NfsMount(SpecModel):
 
 class LocalMount(SpecModel):
     path: str
+    read_only: bool = Field(True, alias="readOnly", description="a host path is mounted read-only unless this is false")
 
     @field_validator("path")
     @classmethod
@@ -421,6 +478,10 @@ class Storage(SpecModel):
         path = _absolute_path(value)
         if path == "/":
             raise ValueError("'/' cannot be a mount path; mount under a directory such as /mnt/data/")
+        system = next((root for root in SYSTEM_DIRS if path == root or path.startswith(root + "/")), None)
+        if system is not None:
+            raise ValueError(f"{path} is (or is under) the system directory {system}, which a mount would hide or "
+                             f"expose; mount under a directory such as /mnt/data/ (refused: {', '.join(SYSTEM_DIRS)})")
         return path
 
     @model_validator(mode="after")
@@ -438,10 +499,15 @@ class Storage(SpecModel):
 
 
 def _absolute_path(value: str) -> str:
+    """An absolute, normalised path; a trailing '/' is dropped, nothing else is rewritten."""
     if not value.startswith("/"):
         raise ValueError(f"{value!r} must be an absolute path (starting with '/')")
-    if ".." in value.split("/"):
-        raise ValueError(f"{value!r} must not contain '..'")
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError(f"{value!r} holds a control character")
+    parts = value.rstrip("/").split("/")[1:]
+    # '//' slipped past the check for '/' (POSIX keeps a leading '//'); '.' and '..' hide where a path goes.
+    if value.startswith("//") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{value!r} is not normalised: write it without '//', '.' or '..'")
     return posixpath.normpath(value)
 
 
@@ -495,7 +561,7 @@ class ScaleWindow(SpecModel):
 
 class OnZero(SpecModel):
     scale_down_grace_period_seconds: int = Field(600, alias="scaleDownGracePeriodSeconds", ge=0, le=86400)
-    scale_up_activation_replicas: int = Field(1, alias="scaleUpActivationReplicas", ge=1)
+    scale_up_activation_replicas: int = Field(1, alias="scaleUpActivationReplicas", ge=1, le=MAX_INSTANCES)
 
 
 class ScaleBehavior(SpecModel):
@@ -652,17 +718,21 @@ class ParsedSpec:
 
 
 def parse_spec(raw: Any, *, lenient: bool = False, source: str | None = None) -> ParsedSpec:
-    """Validate a service config (a dict or JSON text) into a ServiceSpec.
+    """Validate a service config (a dict, or JSON as text or UTF-8 bytes) into a ServiceSpec.
 
     Raises SpecError listing every problem with its JSON path. With `lenient`, unknown
     fields are warnings rather than errors (the bootstrap under a newer agent).
     """
+    if isinstance(raw, (str, bytes)):
+        raw = _loads(raw, source)
+    if isinstance(raw, dict):
+        raw = _older_eas_name(raw, source)
     spec, warnings = parse_document(ServiceSpec, raw, lenient=lenient, source=source)
     return ParsedSpec(spec, warnings)
 
 
 def load_spec_file(path: str | Path, *, lenient: bool = False) -> ParsedSpec:
-    """Read and validate a spec file; errors name the file."""
+    """Read and validate a spec file; errors name the file. Decoded as the API decodes a body."""
     return parse_spec(read_document(path), lenient=lenient, source=str(path))
 
 
@@ -680,8 +750,11 @@ def parse_document(
         raw = _loads(raw, source)
     if not isinstance(raw, dict):
         raise SpecError([SpecIssue("", f"the {what} must be a JSON object, not {type(raw).__name__}")], source)
-    warnings: list[SpecIssue] = []
     errors: list[SpecIssue] = []
+    _screen_json(raw, "", 0, errors)
+    if errors:  # what pydantic must never see: NaN, NUL, absurd depth, a key given twice
+        raise SpecError(errors, source)
+    warnings: list[SpecIssue] = []
     cleaned = _screen_fields(model, raw, "", warnings, errors, lenient)
     try:
         parsed = model.model_validate(cleaned)
@@ -694,19 +767,86 @@ def parse_document(
     return parsed, warnings
 
 
-def read_document(path: str | Path) -> str:
-    """A file's text for parse_document; SpecError naming the file when it cannot be read."""
+def read_document(path: str | Path) -> bytes:
+    """A file's bytes for parse_document (which decodes them as it decodes an API body); SpecError naming the file
+    when it cannot be read."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_bytes()
     except OSError as exc:
         raise SpecError([SpecIssue("", f"cannot read the file: {exc.strerror or exc}")], str(path)) from None
 
 
+class _JsonObject(dict):
+    """A JSON object that remembers the keys given more than once (the last one would win silently)."""
+
+    duplicates: list[str]
+
+
+class _NonFinite(str):
+    """NaN, Infinity or -Infinity as written: JSON has no such numbers, Python's decoder accepts them."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    result = _JsonObject(pairs)
+    counts = collections.Counter(key for key, _ in pairs) if len(result) < len(pairs) else {}
+    result.duplicates = [key for key, count in counts.items() if count > 1]
+    return result
+
+
 def _loads(text: str | bytes, source: str | None) -> Any:
+    """The one decoder of specs, for files, the API and BERTH_SPEC alike: UTF-8 JSON, nothing else."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError([SpecIssue("", f"not UTF-8 (byte 0x{text[exc.start]:02x} at offset {exc.start}); "
+                                           "save the spec as UTF-8, JSON's encoding")], source) from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_object, parse_constant=_NonFinite)
     except json.JSONDecodeError as exc:
         raise SpecError([SpecIssue("", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")], source) from None
+    except RecursionError:
+        raise SpecError([SpecIssue("", f"nested too deeply; a spec nests at most {MAX_DEPTH} levels")], source) from None
+
+
+def _screen_json(value: Any, path: str, depth: int, errors: list[SpecIssue]) -> None:
+    """Refuse, by JSON path, what no field may hold: non-finite numbers, NUL bytes, deep nesting, repeated keys."""
+    if depth > MAX_DEPTH:
+        errors.append(SpecIssue(path, f"nested too deeply; a spec nests at most {MAX_DEPTH} levels"))
+    elif isinstance(value, _NonFinite):
+        errors.append(SpecIssue(path, f"{value} is not a number JSON allows; give a finite number"))
+    elif isinstance(value, float) and not math.isfinite(value):
+        errors.append(SpecIssue(path, "the number is too large (infinite once read); give a finite number"))
+    elif isinstance(value, str) and "\x00" in value:
+        errors.append(SpecIssue(path, "holds a NUL byte, which no path, command or variable can carry"))
+    elif isinstance(value, dict):
+        for key in getattr(value, "duplicates", []):
+            errors.append(SpecIssue(f"{path}.{key}" if path else key, "given more than once; keep one (each reader "
+                                    "would see a different one)"))
+        for key, item in value.items():
+            if "\x00" in key:
+                errors.append(SpecIssue(path, "a key holds a NUL byte"))
+            _screen_json(item, f"{path}.{key}" if path else key, depth + 1, errors)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _screen_json(item, f"{path}[{index}]", depth + 1, errors)
+
+
+def _older_eas_name(raw: dict[str, Any], source: str | None) -> dict[str, Any]:
+    """EAS's older image-based configs name the service at the top level: taken as metadata.name."""
+    if "name" not in raw:
+        return raw
+    raw = copy.copy(raw)  # a copy keeps the keys the decoder saw given twice
+    name = raw.pop("name")
+    metadata = copy.copy(raw.get("metadata", {}))
+    if not isinstance(metadata, dict):
+        return raw  # reported by validation
+    if "name" in metadata and metadata["name"] != name:
+        raise SpecError([SpecIssue("name", f"{name!r} differs from metadata.name {metadata['name']!r}; give one name "
+                                           "(metadata.name in current EAS configs)")], source)
+    metadata["name"] = name
+    raw["metadata"] = metadata
+    return raw
 
 
 def _screen_fields(

@@ -19,7 +19,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Validate an EAS-style JSON service config. Prints the normalized spec (defaults filled "
             "in, secrets redacted) on stdout and warnings on stderr, exit 0; or every error with its "
-            "JSON path on stderr, exit 2."
+            "JSON path on stderr, exit 2. Units as EAS's: metadata.memory in MB means MiB; shm_size and "
+            "gpu_memory in GB mean GiB (gpu_memory: a share of one GPU, with gpu 0 or absent)."
         ),
     )
     check.add_argument("file", metavar="FILE", help="the JSON service config ('-' reads stdin)")

@@ -4,32 +4,39 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 MIB = 1024**2
 GIB = 1024**3
 
 _BINARY = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6}
 _DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+MAX_QUANTITY = 1024**5  # 1 PiB: more than any one node's disk or memory
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([KMGTPE]i|[kMGTPE])?\s*$")
 
 
 def parse_quantity(value: str | int | float) -> int:
     """Bytes in a Kubernetes quantity such as "100Gi", "512Mi", "1.5G" or 1024.
 
-    Raises ValueError with a message that shows the accepted forms.
+    Raises ValueError with a message that shows the accepted forms, or the upper bound (1Pi).
     """
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a size; use a number of bytes or a quantity like '100Gi'")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a size; use a number of bytes or a quantity like '100Gi'")
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"{value} is negative; a size must be 0 or more")
-        return int(value)
-    match = _QUANTITY.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a size; use a quantity like '100Gi', '512Mi' or '10G'")
-    number, suffix = match.groups()
-    scale = _BINARY.get(suffix or "") or _DECIMAL.get(suffix or "") or 1
-    return int(float(number) * scale)
+        size = Decimal(value)
+    else:
+        match = _QUANTITY.match(value)
+        if not match:
+            raise ValueError(f"{value[:64]!r} is not a size; use a quantity like '100Gi', '512Mi' or '10G'")
+        number, suffix = match.groups()
+        size = Decimal(number) * (_BINARY.get(suffix or "") or _DECIMAL.get(suffix or "") or 1)
+    if size > MAX_QUANTITY:
+        raise ValueError(f"{str(value)[:64]} is too large: at most 1Pi ({MAX_QUANTITY} bytes)")
+    return int(size)
 
 
 def mebibytes(mb: int | float) -> int:

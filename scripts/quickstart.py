@@ -122,6 +122,9 @@ def start_agent(endpoint: str, workdir: Path, stack: ExitStack) -> dict[str, str
     config.write_text(json.dumps({
         "listen": f"127.0.0.1:{port}", "state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"),
         "runtime": "process",
+        # No mount namespace under the process runtime: the config's /mnt/data is a host path,
+        # which the operator allows here (otherwise only <state_dir>/mounts/SERVICE is).
+        "process_mount_roots": ["/mnt/data"],
         "env": {"OSS_ENDPOINT": endpoint, "OSS_ACCESS_KEY_ID": ACCESS_KEY, "OSS_ACCESS_KEY_SECRET": SECRET_KEY,
                 "BERTH_DRAIN_DELAY": "0"},
     }))

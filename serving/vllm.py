@@ -6,6 +6,10 @@ both end here. The adapter fills in what a node knows and a user should not have
 - the port the proxy forwards to, and the served model name (the service's name, else the
   model directory's name), so clients ask for the model by the name they deployed;
 - `--tensor-parallel-size` = the visible GPUs, when there are any and none was given;
+- `--gpu-memory-utilization` = the instance's share of its GPU (BERTH_GPU_MEMORY_BYTES over
+  BERTH_GPU_MEMORY_TOTAL_BYTES, set by the agent for `metadata.gpu_memory`), unless the command
+  sizes the memory itself (that flag, or `--kv-cache-memory-bytes`): vLLM's fraction is of the
+  GPU's TOTAL memory, so without it a shared instance would claim 90% of the card;
 - `--shutdown-timeout` = the grace period left after the drain: vLLM's default 0 aborts
   in-flight streams on SIGTERM;
 - vLLM's and torch's compile caches in the node cache, so a restart or a second instance on
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import posixpath
 import re
@@ -152,11 +157,12 @@ def engine_argv(
     visible_gpus: int,
     shutdown_timeout_s: float,
     python: str = sys.executable,
+    memory_fraction: float | None = None,
 ) -> list[str]:
     """The child's command line: vLLM's server module with what the node decides filled in.
 
-    The user's own --served-model-name, --tensor-parallel-size and --shutdown-timeout win;
-    --port is always the internal one, as the proxy, the probes and the warmup go there.
+    The user's own --served-model-name, --tensor-parallel-size, --shutdown-timeout and memory
+    sizing win; --port is always the internal one, as the proxy, the probes and the warmup go there.
     """
     args = _without_option(command.args, "port")
     given = _options(args)
@@ -167,7 +173,21 @@ def engine_argv(
         argv += ["--tensor-parallel-size", str(visible_gpus)]
     if "shutdown-timeout" not in given:
         argv += ["--shutdown-timeout", str(max(0, int(shutdown_timeout_s)))]
+    if memory_fraction is not None and not {"gpu-memory-utilization", "kv-cache-memory-bytes"} & set(given):
+        argv += ["--gpu-memory-utilization", f"{memory_fraction:.4f}"]
     return argv + args
+
+
+def share_fraction(env: Mapping[str, str]) -> float | None:
+    """The instance's share of its GPU as vLLM counts it (a fraction of TOTAL memory), rounded
+    down so that rounding never takes memory from a neighbour; None without a share."""
+    try:
+        share, total = int(env["BERTH_GPU_MEMORY_BYTES"]), int(env["BERTH_GPU_MEMORY_TOTAL_BYTES"])
+    except (KeyError, ValueError):
+        return None
+    if share <= 0 or total <= 0:
+        return None
+    return math.floor(min(share / total, 1.0) * 10_000) / 10_000
 
 
 def visible_gpus(env: Mapping[str, str]) -> int:
@@ -350,6 +370,7 @@ class VllmEngine(Engine):
         self.command = command
         self.served_name = served_model_name(command, service_name)
         self.gpus = visible_gpus(env)
+        self.memory_fraction = share_fraction(env)
         self.env = dict(env)
         self.cache_dir = cache_dir
         # The drain has let in-flight requests finish by the time the engine gets SIGTERM;
@@ -360,7 +381,7 @@ class VllmEngine(Engine):
     def launch(self, port: int) -> Launch:
         argv = engine_argv(
             self.command, port=port, served_name=self.served_name, visible_gpus=self.gpus,
-            shutdown_timeout_s=self.shutdown_timeout_s, python=self.python,
+            shutdown_timeout_s=self.shutdown_timeout_s, python=self.python, memory_fraction=self.memory_fraction,
         )
         if self.gpus:
             argv = [self.python, "-m", "serving.vllm", "preflight", "--", *argv]

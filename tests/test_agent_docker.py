@@ -90,7 +90,7 @@ def test_rm_stops_with_sigterm_first(agent, python_inference_image):
     out.mkdir()
     spec = service_spec(name, python_inference_image, command="python3 /mnt/out/app.py")
     (out / "app.py").write_text(SIGTERM_APP)
-    spec["storage"] = [{"mount_path": "/mnt/out", "local": {"path": str(out)}}]
+    spec["storage"] = [{"mount_path": "/mnt/out", "local": {"path": str(out), "readOnly": False}}]
     assert agent.deploy(spec, "--wait").returncode == 0
     started = time.monotonic()
     result = agent.cli("rm", name)

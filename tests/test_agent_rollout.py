@@ -15,7 +15,7 @@ from tests.harness.agent import Agent, unique
 pytestmark = pytest.mark.docker
 
 # The app serves its version as /version. The drain delay (the bootstrap's, 5 s by default; 1 s
-# here) covers a client whose endpoint list is up to 100 ms old; it fits in the grace period
+# here, from the operator's env) covers a client whose endpoint list is up to 100 ms old; it fits in the grace period
 # only when that exceeds the bootstrap's 10 s stop timeout (the default 30 s does).
 VERSIONED_APP = "mkdir -p /srv && echo v$VERSION > /srv/version && cd /srv && exec python3 -m http.server 8000"
 
@@ -24,12 +24,12 @@ def versioned_spec(name: str, image: str, version: str, command: str = VERSIONED
     return {"metadata": {"name": name, "instance": 2, "eas": {"termination_grace_period": 30},
                          "rolling_strategy": {"max_surge": 1, "max_unavailable": 0}},
             "containers": [{"image": image, "command": command,
-                            "env": [{"name": "VERSION", "value": version}, {"name": "BERTH_DRAIN_DELAY", "value": "1"}]}]}
+                            "env": [{"name": "VERSION", "value": version}]}]}
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory, docker_client, python_inference_image):
-    running = Agent(tmp_path_factory.mktemp("rollout")).start()
+    running = Agent(tmp_path_factory.mktemp("rollout"), env={"BERTH_DRAIN_DELAY": "1"}).start()
     yield running
     try:
         running.remove_all(docker_client)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config
-from agent.launch import build_request, check_policy
+from agent.launch import build_request, check_policy, confined_path
 from agent.pull import decode_auth, resolve
 from agent.revision import revision
 from bootstrap.errors import UsageError
@@ -99,3 +99,32 @@ def test_secrets_reach_the_instance_as_files_never_in_the_spec_env_or_labels(tmp
     visible = json.dumps([request.env, request.labels, request.argv])
     assert "tok-very-secret" not in visible and "dXNlcjpwYXNz" not in visible
     assert request.argv == ["berth", "boot", "--", "sh", "-c", "python app.py"]
+
+
+def test_off_loopback_listening_needs_tls_or_consent(tmp_path: Path):
+    for listen in ("127.0.0.1:7070", "[::1]:7070", "localhost:7070", "unix:/run/berth.sock"):
+        load_config(None, {"listen": listen}, environ={})
+    with pytest.raises(UsageError, match="off loopback without TLS"):
+        load_config(None, {"listen": "0.0.0.0:7070"}, environ={})
+    with pytest.raises(UsageError, match="off loopback without TLS"):
+        load_config(None, {"listen": "agent.example:7070"}, environ={})  # a name may resolve anywhere
+    assert load_config(None, {"listen": "0.0.0.0:7070"}, environ={"BERTH_INSECURE_LISTEN": "1"}).insecure_listen
+    tls = {"tls_cert": str(tmp_path / "c.pem"), "tls_key": str(tmp_path / "k.pem")}
+    assert load_config(None, {"listen": "10.0.0.5:7070", **tls}, environ={}).tls_cert is not None
+    with pytest.raises(UsageError, match="give tls_cert and tls_key together"):
+        load_config(None, {"tls_cert": tls["tls_cert"]}, environ={})
+
+
+def test_host_paths_are_confined_after_every_symlink_is_resolved(tmp_path: Path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "models").mkdir(parents=True)
+    outside.mkdir()
+    (root / "etc").symlink_to("/etc")
+    (root / "inner").symlink_to(root / "models")
+    (outside / "back").symlink_to(root / "models")
+    (root / "out-and-back").symlink_to(outside / "back")  # leaves the root on the way, ends inside
+    assert confined_path(str(root / "models"), [str(root)]) == str((root / "models").resolve())
+    assert confined_path(str(root / "inner"), [str(root)]) == str((root / "models").resolve())
+    assert confined_path(str(root / "not-yet"), [str(root)]) == str(root.resolve() / "not-yet")
+    for escaping in ("etc", "etc/passwd", "out-and-back", "../outside"):
+        assert confined_path(f"{root}/{escaping}", [str(root)]) is None, escaping

@@ -56,7 +56,7 @@ def ready_count(agent: Agent, name: str, count: int, timeout: float = 60) -> dic
 
 def start_agent(root: Path, port: int | None = None, **config) -> Agent:
     settings = {"autoscale_period_s": 0.5, "metric_window_s": 2, **config}
-    return Agent(root, port=port, runtime="process", env={"BERTH_DRAIN_DELAY": "0", "PYTHONPATH": str(ROOT)},
+    return Agent(root, port=port, runtime="process", env={"BERTH_DRAIN_DELAY": "1", "PYTHONPATH": str(ROOT)},
                  **settings).start()
 
 

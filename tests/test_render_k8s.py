@@ -28,7 +28,7 @@ DOCKER_AUTH = base64.b64encode(b"robot:registry-password-42").decode()
 
 FULL = {
     "metadata": {
-        "name": "big_llm", "instance": 3, "cpu": 8, "memory": 32768, "gpu": 2, "shm_size": 4, "gpu_memory": 20,
+        "name": "big_llm", "instance": 3, "cpu": 8, "memory": 32768, "gpu": 2, "shm_size": 4,
         "rolling_strategy": {"max_surge": 0, "max_unavailable": 1}, "eas": {"termination_grace_period": 90},
     },
     "containers": [{
@@ -180,6 +180,8 @@ def test_storage_mounts_only_this_services_cache_and_renders_claims_nfs_hostpath
     assert ("Secret", "big-llm-storage") not in objects  # referenced, never rendered
     assert volumes["storage-2"]["nfs"] == {"server": "10.0.0.5", "path": "/export/data", "readOnly": True}
     assert volumes["storage-4"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["storage-3"] == {"name": "storage-3", "mountPath": "/mnt/local", "readOnly": True}  # local: read-only by default
     assert volumes["storage-1"]["persistentVolumeClaim"] == {"claimName": "big-llm-storage-1"}
     claim = objects[("PersistentVolumeClaim", "big-llm-storage-1")]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["volumeName"] == "big-llm-storage-1"
@@ -264,7 +266,6 @@ def test_autoscaler_and_cronscaler_become_one_scaled_object(full):
     warnings = "\n".join(rendered.warnings)
     assert "autoscaler.min: 0 rendered as minReplicaCount 1" in warnings and "HTTP add-on" in warnings
     assert "cronscaler.ExcludeDates: left out" in warnings
-    assert "metadata.gpu_memory: left out: GPU shares" in warnings
 
 
 def test_group_renders_weights_mirror_and_header_matches(full):

@@ -136,7 +136,6 @@ def test_cluster_only_eas_fields_are_accepted_with_a_warning_each():
     raw = with_changes(**{
         "cloud": {"computing": {"instance_type": "ecs.gn6i"}},
         "metadata.workspace_id": "123",
-        "metadata.gpu_memory": 8,
         "metadata.rpc": {"worker_threads": 4, "max_queue_size": 64},
         "features": {"eas.aliyun.com/gpu-driver-version": "550"},
     })
@@ -144,7 +143,7 @@ def test_cluster_only_eas_fields_are_accepted_with_a_warning_each():
     paths = sorted(warning.path for warning in parsed.warnings)
     assert paths == [
         "cloud", "features.eas.aliyun.com/gpu-driver-version",
-        "metadata.gpu_memory", "metadata.rpc.worker_threads", "metadata.workspace_id",
+        "metadata.rpc.worker_threads", "metadata.workspace_id",
     ]
     assert parsed.spec.metadata.rpc.max_queue_size == 64
 

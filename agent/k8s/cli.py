@@ -47,6 +47,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     k8s.add_argument("--storage-secret", metavar="NAME",
                      help="the Secret with the object store's keys (OSS_ACCESS_KEY_ID ... or AWS_ACCESS_KEY_ID ...), "
                           "referenced, never rendered (default SERVICE-storage)")
+    k8s.add_argument("--gpu-share", choices=("none", "hami", "ack"), default="none",
+                     help="how metadata.gpu_memory (a share of one GPU) maps: none, a whole nvidia.com/gpu: 1 and a "
+                          "warning (Kubernetes alone hands out whole GPUs); hami, HAMi's nvidia.com/gpu: 1 + "
+                          "nvidia.com/gpumem (MiB) + nvidia.com/gpucores; ack, ACK gpushare's aliyun.com/gpu-mem (GiB) "
+                          "(default none)")
     k8s.add_argument("-o", "--output", metavar="DIR", help="write one file per object here instead of stdout")
     k8s.set_defaults(handler=run_render)
 
@@ -56,7 +61,7 @@ def run_render(args: argparse.Namespace) -> int:
     from agent.k8s.render import render_files, to_stream, write_files
 
     options = Options(namespace=args.namespace, gateway=args.gateway, prometheus=args.prometheus,
-                      node_cache=Path(args.node_cache), storage_secret=args.storage_secret)
+                      node_cache=Path(args.node_cache), storage_secret=args.storage_secret, gpu_share=args.gpu_share)
     rendered = render_files(args.files, args.group, options)
     for warning in rendered.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -20,6 +20,7 @@ class Options:
     prometheus: str = DEFAULT_PROMETHEUS
     node_cache: Path = DEFAULT_NODE_CACHE
     storage_secret: str | None = None  # None: "<service>-storage"
+    gpu_share: str = "none"  # none | hami | ack: how metadata.gpu_memory maps (agent/k8s/workload.py)
 
     def storage_secret_for(self, service: str) -> str:
         return self.storage_secret or f"{service}-storage"

@@ -47,9 +47,7 @@ def render_files(service_files: list[str], group_files: list[str], options: Opti
 def _spec_warning(source: str, issue: SpecIssue, warnings: Warnings) -> None:
     """The spec's warnings speak of one node; say what they mean for the manifests."""
     parent, _, field = issue.path.rpartition(".")
-    if field == "gpu_memory" and parent == "metadata":
-        warnings.add(source, issue.path, "left out: GPU shares are a later issue; each pod gets whole GPUs (nvidia.com/gpu)")
-    elif field in NOT_ON_ONE_NODE.get(parent, {}):
+    if field in NOT_ON_ONE_NODE.get(parent, {}):
         warnings.add(source, issue.path, f"left out: {NOT_ON_ONE_NODE[parent][field]} has no Kubernetes form here")
     else:
         warnings.add(source, issue.path, issue.message)

@@ -75,7 +75,8 @@ def _entry(spec: ServiceSpec, index: int, entry: Storage, options: Options, out:
         nfs = {"server": entry.nfs.server, "path": entry.nfs.path, **({"readOnly": True} if entry.nfs.read_only else {})}
         out.add(name, {"nfs": nfs}, entry.mount_path, read_only=entry.nfs.read_only)
     elif entry.local is not None:
-        out.add(name, {"hostPath": {"path": entry.local.path, "type": "Directory"}}, entry.mount_path)
+        out.add(name, {"hostPath": {"path": entry.local.path, "type": "Directory"}}, entry.mount_path,
+                read_only=entry.local.read_only)  # read-only unless the spec says readOnly: false (issue 16)
     elif entry.empty_dir is not None:
         empty: dict[str, Any] = {}
         if entry.empty_dir.in_memory:

@@ -80,7 +80,7 @@ def deployment(spec: ServiceSpec, config: Manifest, storage: PodStorage, secrets
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": quantity_mib(meta.shm_bytes)}})
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
     container["volumeMounts"] = mounts
-    resources = _resources(spec)
+    resources = _resources(spec, _gpu_limits(spec, options.gpu_share, source, warnings))
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": meta.grace_s, "volumes": volumes}
@@ -158,7 +158,30 @@ def _probe(check: Probe, port: int) -> dict[str, Any]:
             "successThreshold": check.success_threshold}
 
 
-def _resources(spec: ServiceSpec) -> dict[str, Any]:
+def _gpu_limits(spec: ServiceSpec, gpu_share: str, source: str, warnings: Warnings) -> dict[str, int]:
+    """Extended resources for the GPUs: whole ones, or a share (metadata.gpu_memory, GiB) mapped
+    for the cluster's sharing plugin. Kubernetes itself only hands out whole GPUs."""
+    meta = spec.metadata
+    if meta.gpu_memory_bytes is None:
+        return {"nvidia.com/gpu": meta.gpu} if meta.gpu else {}
+    if gpu_share == "hami":
+        limits = {"nvidia.com/gpu": 1, "nvidia.com/gpumem": math.ceil(meta.gpu_memory_bytes / 2**20)}  # HAMi counts MiB
+        if meta.gpu_core_percentage is not None:
+            limits["nvidia.com/gpucores"] = meta.gpu_core_percentage
+        return limits
+    if gpu_share == "ack":
+        gib = math.ceil(meta.gpu_memory)  # ACK gpushare books whole GiB
+        if gib != meta.gpu_memory:
+            warnings.add(source, "metadata.gpu_memory", f"{meta.gpu_memory:g} GiB rounded up to aliyun.com/gpu-mem {gib} (whole GiB)")
+        if meta.gpu_core_percentage is not None:
+            warnings.add(source, "metadata.gpu_core_percentage", "left out: ACK's aliyun.com/gpu-mem shares memory only")
+        return {"aliyun.com/gpu-mem": gib}
+    warnings.add(source, "metadata.gpu_memory", f"{meta.gpu_memory:g} GiB of one GPU rendered as a whole nvidia.com/gpu: 1 "
+                 "(Kubernetes hands out whole GPUs; --gpu-share hami or ack maps the share for those plugins)")
+    return {"nvidia.com/gpu": 1}
+
+
+def _resources(spec: ServiceSpec, gpu_limits: dict[str, int]) -> dict[str, Any]:
     meta = spec.metadata
     amounts: dict[str, Any] = {}
     if meta.cpu is not None:
@@ -168,9 +191,7 @@ def _resources(spec: ServiceSpec) -> dict[str, Any]:
     disk = spec.features.extra_ephemeral_storage
     if disk is not None:
         amounts["ephemeral-storage"] = str(disk)
-    limits = dict(amounts)
-    if meta.gpu:
-        limits["nvidia.com/gpu"] = meta.gpu  # extended resources: limits only (requests default to them)
+    limits = {**amounts, **gpu_limits}  # extended resources: limits only (requests default to them)
     resources: dict[str, Any] = {}
     if amounts:
         resources["requests"] = amounts  # requests = limits: the instance's resources are reserved, as on EAS
