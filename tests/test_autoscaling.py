@@ -33,7 +33,7 @@ INVENTORY = Path(__file__).parent / "data" / "gpu-inventory.json"
 
 def scaled_spec(name: str, autoscaler: dict | None = None, **metadata) -> dict:
     spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 10}, **metadata},
-            "containers": [{"image": "ignored", "command": APP, "env": [{"name": "BERTH_DRAIN_DELAY", "value": "1"}]}]}
+            "containers": [{"image": "ignored", "command": APP}]}
     if autoscaler is not None:
         spec["autoscaler"] = autoscaler
     return spec
@@ -55,6 +55,7 @@ def ready_count(agent: Agent, name: str, count: int, timeout: float = 60) -> dic
 
 
 def start_agent(root: Path, port: int | None = None, **config) -> Agent:
+    """The drain delay (1 s, the operator's env) covers a load client's endpoint list, up to 100 ms old."""
     settings = {"autoscale_period_s": 0.5, "metric_window_s": 2, **config}
     return Agent(root, port=port, runtime="process", env={"BERTH_DRAIN_DELAY": "1", "PYTHONPATH": str(ROOT)},
                  **settings).start()
