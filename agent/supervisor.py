@@ -8,12 +8,13 @@ The pieces, each its own module:
                    instances towards it (scale up and in, rollouts, removal)
     instance.py    one instance's life: GPUs, pull, start, probe, restart with backoff, stop
     scaling.py     who decides a count: the autoscaler's metrics and decision, cron jobs
+    gpus.py, gpu_share.py  GPU inventory and allocation (whole GPUs by UUID, memory shares)
     state.py       SQLite: desired state, revisions, instance records, events
     runtime.py     the interface to Docker or local processes (docker_runtime, process_runtime)
 
-Housekeeping loops run beside the instances: disk-limit eviction, the lost-GPU check, image GC
-and the stray reaper, each at a period from the operator's configuration; the autoscaler runs
-every `autoscale_period_s`.
+Housekeeping loops run beside the instances: disk-limit eviction, the lost-GPU check, the GPU
+share memory watch, image GC and the stray reaper, each at a period from the operator's
+configuration; the autoscaler runs every `autoscale_period_s`.
 """
 
 from __future__ import annotations
