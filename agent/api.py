@@ -15,13 +15,17 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+import aiohttp
 import psutil
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from agent import logs as logs_stream
+from agent.state import disk_full, disk_full_message
 from agent.supervisor import Conflict, Supervisor
+from bootstrap.group import parse_group
 from bootstrap.spec import ParsedSpec, SpecError, SpecIssue, parse_spec
 
 
@@ -162,8 +166,10 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
             # Between two runs (a restart under way): the lines kept from the run that ended.
             kept = "".join(line + "\n" for line in chosen.last_exit.log_tail)
             return PlainTextResponse(kept)
-        return StreamingResponse(_threaded(supervisor.runtime.logs(chosen.handle.id, tail=tail, follow=follow)),
-                                 media_type="text/plain")
+        chunks = await asyncio.to_thread(supervisor.runtime.logs, chosen.handle.id, tail=tail, follow=follow)
+        if follow:
+            logs_stream.acquire_follower()
+        return StreamingResponse(logs_stream.stream(chunks, held=follow), media_type="text/plain")
 
     @app.get("/v1/events", dependencies=auth)
     async def events(since: int = 0, service: str | None = None, follow: bool = True) -> StreamingResponse:
@@ -206,11 +212,111 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
             "engine": info.get("engine"), "cpu": {"count": psutil.cpu_count(), "load": os.getloadavg()},
             "memory": {"total": memory.total, "available": memory.available}, "disks": disks,
             "images": info.get("images", []), "gpus": await asyncio.to_thread(gpus_view), "time": time.time(),
+            "gateway": {"mode": supervisor.config.gateway, "url": routes.gateway_url, "admin_url": routes.gateway_admin_url,
+                        "routes_version": routes.version, "acked_version": routes.acked},
         }
+
+    # --- the gateway's routes and the service groups ------------------------------------------
+
+    routes = supervisor.routes
+
+    @app.get("/v1/routes", dependencies=auth)
+    async def route_table(watch: bool = False) -> Response:
+        """Every service's Ready instances and token, and every group: the gateway's table.
+        With watch=1, a stream of whole tables (one JSON per line), each with a higher version."""
+        if not watch:
+            return JSONResponse(routes.table())
+
+        async def tables() -> AsyncIterator[bytes]:
+            async for table in routes.watch():
+                yield (json.dumps(table) + "\n").encode()
+
+        return StreamingResponse(tables(), media_type="application/x-ndjson")
+
+    @app.post("/v1/gateway/ack", dependencies=auth)
+    async def gateway_ack(request: Request) -> dict:
+        """The gateway applied table `version` (the agent waits for this before stopping an instance)."""
+        try:
+            version = json.loads(await request.body())["version"]
+        except (ValueError, KeyError, TypeError):
+            version = None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise HTTPException(422, 'send {"version": N}, N the version of the table applied')
+        routes.ack(version)
+        return {"acked": routes.acked}
+
+    async def observed_split(name: str) -> dict[str, float]:
+        """What the gateway saw the group's members answer in the last minute, in percent."""
+        if not routes.gateway_admin_url:
+            return {}
+        try:
+            async with supervisor._session.get(f"{routes.gateway_admin_url}/v1/stats", timeout=aiohttp.ClientTimeout(total=1)) as answer:
+                counts = (await answer.json()).get("groups_last_minute", {}).get(name, {})
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return {}
+        total = sum(counts.values()) or 1
+        return {service: round(100 * count / total, 1) for service, count in counts.items()}
+
+    def group_view(name: str) -> dict[str, Any]:
+        group = routes.groups.get(name)
+        table = routes.table()["groups"].get(name)
+        configured = {}
+        if table is not None:
+            shares = {}
+            for route in table["routes"]:
+                if "match" not in route:
+                    shares[route["service"]] = shares.get(route["service"], 0) + route.get("weight", 100)
+            total = sum(shares.values()) or 1
+            configured = {service: round(100 * share / total, 1) for service, share in shares.items()}
+        return {"name": name, "file": group.to_json_dict() if group else None, "members": routes.members(name),
+                "routes": [{k: v for k, v in route.items()} for route in table["routes"]] if table else [],
+                "configured_split_percent": configured, "serving": table is not None,
+                "gateway_url": f"{routes.gateway_url}/api/predict/{name}" if routes.gateway_url else None,
+                "gateway_admin_url": routes.gateway_admin_url}
+
+    @app.put("/v1/groups/{name}", dependencies=auth)
+    async def put_group(name: str, request: Request) -> JSONResponse:
+        """Create or change a service group (its file); new requests follow within 1 s."""
+        group, warnings = parse_group(await request.body(), source="request body")
+        if group.name != name:
+            raise SpecError([SpecIssue("name", f"{group.name!r} differs from the group in the URL, {name!r}")])
+        created = routes.apply_group(group)
+        view = group_view(name)
+        view["warnings"] = [{"path": w.path, "message": w.message} for w in warnings]
+        return JSONResponse(view, status_code=201 if created else 200)
+
+    @app.get("/v1/groups", dependencies=auth)
+    async def list_groups() -> list[dict]:
+        names = set(routes.groups) | {svc.spec.metadata.group for svc in supervisor.services.values() if svc.spec.metadata.group}
+        return [group_view(name) for name in sorted(names)]
+
+    @app.get("/v1/groups/{name}", dependencies=auth)
+    async def get_group(name: str) -> dict:
+        if name not in routes.groups and not routes.members(name):
+            raise HTTPException(404, f"no service group named {name!r} on this node (`berth group ls` lists them)")
+        return {**group_view(name), "observed_split_percent": await observed_split(name)}
+
+    @app.delete("/v1/groups/{name}", dependencies=auth)
+    async def delete_group(name: str) -> dict:
+        if not routes.remove_group(name):
+            raise HTTPException(404, f"no service group file named {name!r} on this node")
+        return {"name": name, "deleted": True}
 
     @app.get("/metrics", dependencies=auth)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(supervisor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(logs_stream.TooManyFollowers)
+    async def too_many_followers(request: Request, exc: logs_stream.TooManyFollowers) -> JSONResponse:
+        return JSONResponse(status_code=429, content={"detail": str(exc)})
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, exc: Exception) -> JSONResponse:
+        """Every failure answers JSON that says what happened; never a bare 500."""
+        if disk_full(exc):
+            return JSONResponse(status_code=507, content={"detail": disk_full_message(supervisor.config.state_dir)})
+        return JSONResponse(status_code=500, content={
+            "detail": f"the agent failed: {type(exc).__name__}: {exc} (its log has the details)"})
 
     @app.exception_handler(Conflict)
     async def conflict(request: Request, exc: Conflict) -> JSONResponse:

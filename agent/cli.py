@@ -100,8 +100,36 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("--no-wait", action="store_true", help="return once the agent has started stopping it")
     rm.set_defaults(handler=run_rm)
 
-    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, GPUs (holders, shares, NVML-measured use), CPU, memory, disks, images")
+    node = subparsers.add_parser("node", parents=[client], help="show the node: runtime, gateway, GPUs (holders, shares, NVML-measured use), CPU, memory, disks, images")
     node.set_defaults(handler=run_node)
+
+    group = subparsers.add_parser(
+        "group", help="service groups: one endpoint split by weight, mirror and header over member services",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "A service group is one gateway endpoint, /api/predict/GROUP, over member services:\n"
+            '  {"name": "qwen-chat", "token": "...", "routes": [\n'
+            '     {"service": "qwen-v23", "weight": 90},\n'
+            '     {"service": "qwen-v24", "weight": 10, "mirror_weight": 5},\n'
+            '     {"service": "qwen-v24", "match": {"headers": {"User-Agent": "~^CherryStudio"}}}]}\n'
+            "weight: relative share (0..1000) per request; mirror_weight: percent of the group's requests\n"
+            "also copied to that service (answer discarded); match.headers: exact value or ~regex, tried first,\n"
+            "in order. A service with metadata.group joins with weight 100 unless the file lists it.\n"
+            "A change reaches new requests within 1 s; streams in flight are not cut."
+        ),
+    )
+    actions = group.add_subparsers(dest="group_action", metavar="ACTION")
+    actions.required = True
+    apply = actions.add_parser("apply", parents=[client], help="create or change a group from its JSON file")
+    apply.add_argument("file", metavar="FILE", help="the group file ('-' reads stdin)")
+    apply.set_defaults(handler=run_group_apply)
+    group_get = actions.add_parser("get", parents=[client], help="a group's routes, configured and observed split")
+    group_get.add_argument("name", metavar="NAME")
+    group_get.set_defaults(handler=run_group_get)
+    actions.add_parser("ls", parents=[client], help="list the groups").set_defaults(handler=run_group_ls)
+    group_rm = actions.add_parser("rm", parents=[client], help="remove a group's file (members keep running)")
+    group_rm.add_argument("name", metavar="NAME")
+    group_rm.set_defaults(handler=run_group_rm)
 
 
 def _add_agent(subparsers: argparse._SubParsersAction) -> None:
@@ -145,6 +173,14 @@ def _add_agent(subparsers: argparse._SubParsersAction) -> None:
                        "wins over a spec's variable of the same name (env_for in --config scopes one to a service)")
     agent.add_argument("--allow-host-path", action="append", default=[], metavar="DIR",
                        help="allow `local` storage under DIR (or `nfs` under SERVER:/EXPORT); none by default")
+    agent.add_argument("--recover-from-runtime", action="store_true",
+                       help="the state database is lost or corrupt: move a damaged one aside and rebuild each "
+                            "service from its running instances' labels (secrets excepted), adopting them as they run")
+    agent.add_argument("--gateway", metavar="HOST:PORT|off|external",
+                       help="the node gateway (/api/predict/NAME) the agent starts as a process of its own, found again "
+                            "by <state-dir>/gateway.pid after an agent restart (default 127.0.0.1:7080; port 0 picks a "
+                            "free one); off: none; external: one runs under its own unit, the agent only publishes routes")
+    agent.add_argument("--gateway-admin", metavar="HOST:PORT", help="the gateway's metrics and routes (default 127.0.0.1:7081)")
     agent.set_defaults(handler=run_agent)
 
 
@@ -167,11 +203,12 @@ def run_agent(args: argparse.Namespace) -> int:
         "network": args.network, "host_ip": args.host_ip, "env": env, "allow_host_paths": args.allow_host_path,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key, "insecure_listen": args.insecure_listen,
         "max_spec_bytes": args.max_spec_bytes,
+        "gateway": args.gateway, "gateway_admin": args.gateway_admin,
     })
-    return serve(config)
+    return serve(config, recover=args.recover_from_runtime)
 
 
-def serve(config) -> int:
+def serve(config, recover: bool = False) -> int:
     import logging
 
     import uvicorn
@@ -194,12 +231,15 @@ def serve(config) -> int:
     print(f"berth agent: runtime {runtime.name} ({why})", file=sys.stderr, flush=True)
     for limitation in runtime.limitations:
         log.warning("runtime %s cannot enforce: %s", runtime.name, limitation)
-    supervisor = Supervisor(config, runtime, Store(config.database_path))
+    supervisor = Supervisor(config, runtime, _open_store(config, runtime, recover))
+    _gateway(config, supervisor.routes)
     app = create_app(supervisor, token)
     tls = {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)} if config.tls_cert else {}
     host, _, port = config.listen.rpartition(":")
+    # Open streams (`berth logs -f`, events) end 1 s after SIGTERM: systemd's stop timeout is 30 s.
     server_config = uvicorn.Config(app, host=host.strip("[]") or "127.0.0.1", port=int(port) if port.isdigit() else 0,
-                                   log_config=None, access_log=False, **tls)
+                                   log_config=None, access_log=False, **tls,
+                                   timeout_graceful_shutdown=1)  # open streams (the gateway's routes) end 1 s after SIGTERM
     if not is_loopback(host.strip("[]")) and not config.listen.startswith("unix:") and not tls:
         log.warning("listening on %s without TLS (--insecure-listen): the token crosses the network in clear", config.listen)
     log.info("listening on %s%s; state in %s; token in %s", config.listen, " (TLS)" if tls else "", config.state_dir,
@@ -216,6 +256,59 @@ def serve(config) -> int:
     finally:
         runtime.close()
     return 0 if server.started else EXIT_FAILED
+
+
+def _open_store(config, runtime, recover: bool):
+    """The state database, checked before anything runs; StateError stops the agent, touching nothing."""
+    import logging
+
+    from agent.state import StateError, Store, check_database, recover_from_runtime
+
+    path = config.database_path
+    try:
+        if not recover:
+            check_database(path, runtime.list())
+            return Store(path)
+        try:
+            store = Store(path)
+        except StateError:
+            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{path}{suffix}").exists():
+                    os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+            logging.getLogger("berth.agent").warning("moved the damaged state database aside to %s", aside)
+            store = Store(path)
+        recovered = recover_from_runtime(store, runtime.list())
+        logging.getLogger("berth.agent").warning("recovered %d service(s) from the runtime: %s", len(recovered),
+                                                 ", ".join(recovered) or "none")
+        return store
+    except StateError as exc:
+        runtime.close()
+        raise CommandFailed(str(exc)) from None
+
+
+def _gateway(config, routes) -> None:
+    """Find the gateway of this state directory, or start it (`--gateway HOST:PORT`); note its addresses."""
+    import logging
+
+    from agent import gateway_process
+
+    log = logging.getLogger("berth.agent")
+    if config.gateway == "off":
+        return
+    running = gateway_process.find(config.state_dir)
+    if running is None and config.gateway_managed:
+        if config.listen.startswith("unix:"):
+            agent_url = config.listen
+        else:
+            host, _, port = config.listen.rpartition(":")
+            agent_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '[::]', '::') else host}:{port}"
+        running = gateway_process.start(config.state_dir, listen=config.gateway, admin=config.gateway_admin, agent_url=agent_url)
+        log.info("gateway started: %s (admin %s, pid %d)", running.url, running.admin_url, running.pid)
+    elif running is not None:
+        log.info("gateway found: %s (admin %s, pid %d)", running.url, running.admin_url, running.pid)
+    if running is not None:
+        routes.gateway_url, routes.gateway_admin_url = running.url, running.admin_url
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -283,7 +376,7 @@ def _call(args: argparse.Namespace, method: str, path: str, payload: bytes | Non
         if exc.status == 422 and isinstance(exc.detail, list):
             lines = "\n".join(f"  {item['path']}: {item['message']}" if item.get("path") else f"  {item['message']}"
                               for item in exc.detail)
-            raise UsageError(f"the agent refused the service config:\n{lines}") from None
+            raise UsageError(f"the agent refused it:\n{lines}") from None
         raise CommandFailed(str(exc.detail)) from None
 
 
@@ -372,8 +465,8 @@ def _wait_ready(args: argparse.Namespace, name: str, timeout: float) -> dict:
                       + (f" ({inst['reason']})" if inst["reason"] else ""), file=sys.stderr)
             if inst["state"] in FAILING_STATES:
                 raise CommandFailed(f"{inst['id']} cannot start: {inst['state']}: {inst['reason']}" + _log_tail(inst))
-        instances = service["instances"]
-        if len(instances) == service["instance"] and all(inst["ready"] for inst in instances):
+        # Zero instances asked for: nothing to wait for.
+        if len(service["instances"]) == service["instance"] and all(inst["ready"] for inst in service["instances"]):
             print(f"{name}: {service['ready']}/{service['instance']} ready in {time.monotonic() - started:.1f} s",
                   file=sys.stderr)
             return service
@@ -422,6 +515,8 @@ def run_get(args: argparse.Namespace) -> int:
           f"image {service['image']}  {service['ready']}/{service['instance']} ready")
     for line in _scaling_lines(service.get("autoscaler")):
         print(line)
+    if service.get("gateway_url"):
+        print(f"gateway   {service['gateway_url']}")
     rollout = service.get("rollout")
     if rollout and rollout["state"] != "Complete":
         print(f"rollout {rollout['state']} to {rollout['revision']}" + (f": {rollout['reason']}" if rollout["reason"] else ""))
@@ -513,6 +608,9 @@ def run_node(args: argparse.Namespace) -> int:
     print(f"memory    {format_bytes(node['memory']['available'])} available of {format_bytes(node['memory']['total'])}")
     for label, disk in node["disks"].items():
         print(f"disk      {label}: {disk['path']} {format_bytes(disk['free'])} free of {format_bytes(disk['total'])}")
+    gateway = node.get("gateway") or {}
+    print(f"gateway   {gateway.get('url') or '-'} ({gateway.get('mode')}; admin {gateway.get('admin_url') or '-'}, "
+          f"routes version {gateway.get('routes_version')}, acknowledged {gateway.get('acked_version')})")
     print(f"gpus      {len(node['gpus'])}")
     for gpu in node["gpus"]:
         utilization = "?" if gpu["utilization_percent"] is None else f"{gpu['utilization_percent']}%"
@@ -535,3 +633,59 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+# --- service groups ---------------------------------------------------------------------------
+
+
+def run_group_apply(args: argparse.Namespace) -> int:
+    from bootstrap.group import parse_group
+    from bootstrap.spec import read_document
+
+    raw = sys.stdin.read() if args.file == "-" else read_document(args.file)
+    group, _ = parse_group(raw, source=args.file)  # the same errors here as from the agent, before any call
+    view = _call(args, "PUT", f"/v1/groups/{quote(group.name)}", json.dumps(group.to_json_dict(reveal_secrets=True)).encode())
+    for warning in view.get("warnings", []):
+        print(f"warning: {warning['path']}: {warning['message']}", file=sys.stderr)
+    print(f"group {group.name}: {len(group.routes)} route(s) applied; " +
+          (f"endpoint {view['gateway_url']}" if view.get("gateway_url") else "no gateway on this node"), file=sys.stderr)
+    if args.json:
+        print(json.dumps(view, indent=2))
+    return 0
+
+
+def run_group_get(args: argparse.Namespace) -> int:
+    view = _call(args, "GET", f"/v1/groups/{quote(args.name)}")
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    print(f"{view['name']}  endpoint {view['gateway_url'] or '-'}  members {', '.join(view['members']) or '-'}"
+          + ("" if view["serving"] else "  (not served: no member can answer)"))
+    observed = view.get("observed_split_percent") or {}
+    rows = [["SERVICE", "WEIGHT", "MIRROR %", "MATCH", "CONFIGURED %", "OBSERVED % (1 min)"]]
+    for route in view["routes"]:
+        match = route.get("match")
+        rows.append([route["service"], "-" if match else str(route.get("weight", 100)), str(route.get("mirror_weight", 0)),
+                     json.dumps(match["headers"]) if match else "-",
+                     "-" if match else str(view["configured_split_percent"].get(route["service"], 0)),
+                     str(observed.get(route["service"], "-"))])
+    print(_table(rows))
+    return 0
+
+
+def run_group_ls(args: argparse.Namespace) -> int:
+    groups = _call(args, "GET", "/v1/groups")
+    if args.json:
+        print(json.dumps(groups, indent=2))
+        return 0
+    rows = [["NAME", "MEMBERS", "SPLIT %", "ENDPOINT"]]
+    rows += [[g["name"], ", ".join(g["members"]), " / ".join(f"{k} {v}" for k, v in g["configured_split_percent"].items()) or "-",
+              g["gateway_url"] or "-"] for g in groups]
+    print(_table(rows) if groups else "no service groups")
+    return 0
+
+
+def run_group_rm(args: argparse.Namespace) -> int:
+    _call(args, "DELETE", f"/v1/groups/{quote(args.name)}")
+    print(f"group {args.name}: removed (its member services keep running)", file=sys.stderr)
+    return 0

@@ -41,6 +41,7 @@ class Timings(_Model):
     backoff_reset_s: float = Field(600, ge=0, description="healthy time after which the delay starts over (kubelet)")
     stray_grace_s: float = Field(300, ge=0, description="age before an unknown berth container is removed (Nomad)")
     reaper_period_s: float = Field(300, gt=0, description="how often strays are looked for (Nomad)")
+    state_check_period_s: float = Field(5, gt=0, description="how often the agent checks its state database is still on disk")
     # Nomad's 5 min overall pull timeout is too short for 20 GB LLM images on a slow link; the
     # stall timeout catches a dead pull anyway.
     pull_stall_timeout_s: float = Field(120, gt=0, description="no pull progress for this long aborts the pull (Nomad)")
@@ -112,11 +113,31 @@ class AgentConfig(_Model):
     image_gc_repositories: list[str] = Field(
         default_factory=list, description="patterns (fnmatch) of the image references GC may remove; empty: every image "
                                           "(kubelet), e.g. ['registry.local:5000/*'] on a node shared with other software")
+    gateway: str = Field(
+        "127.0.0.1:7080", description="HOST:PORT of the node gateway the agent starts (port 0 picks a free one), 'off', "
+                                      "or 'external' (a gateway under its own unit; the agent only publishes routes)")
+    gateway_admin: str = Field("127.0.0.1:7081", description="HOST:PORT of the gateway's metrics, health and routes")
     # Every 2 s, as Knative's autoscaler ticks (the HPA's loop is 15 s); metrics averaged over 30 s,
     # half of Knative's 60 s stable window: berth has no panic mode, so it reacts sooner by default.
     autoscale_period_s: float = Field(2, gt=0, description="how often autoscaled services' counts are decided, and cron jobs fired")
     metric_window_s: float = Field(30, gt=0, description="the window autoscaling metrics are averaged over")
     timings: Timings = Field(default_factory=Timings)
+
+    @field_validator("gateway", "gateway_admin")
+    @classmethod
+    def _gateway(cls, value: str, info) -> str:
+        if info.field_name == "gateway" and value in ("off", "external"):
+            return value
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{value!r} is not HOST:PORT (port 0 picks a free one)"
+                             + (", 'off' or 'external'" if info.field_name == "gateway" else ""))
+        return value
+
+    @property
+    def gateway_managed(self) -> bool:
+        """The agent starts (or finds) the gateway itself."""
+        return self.gateway not in ("off", "external")
 
     @field_validator("listen")
     @classmethod
@@ -188,7 +209,7 @@ def is_loopback(host: str) -> bool:
 # Flags and BERTH_* variables that map onto one config field each; lists are comma-separated
 # in the environment. `env` has no variable: values may hold commas, so it comes by file or flag.
 SCALAR_FIELDS = ("listen", "state_dir", "cache_dir", "runtime", "network", "host_ip", "image_pull_policy", "gpu_inventory_file",
-                 "insecure_listen", "tls_cert", "tls_key", "max_spec_bytes")
+                 "insecure_listen", "tls_cert", "tls_key", "max_spec_bytes", "gateway", "gateway_admin")
 LIST_FIELDS = ("allow_host_paths", "read_only_mounts", "process_mount_roots")
 
 

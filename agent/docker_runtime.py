@@ -270,6 +270,9 @@ class DockerRuntime:
         except NotFound:
             pass
 
+    def remove_service(self, service: str) -> None:
+        return None  # everything Docker made goes with the containers
+
     def remove(self, instance_id: str) -> None:
         try:
             attrs = self._client.api.inspect_container(instance_id)
@@ -298,9 +301,10 @@ class DockerRuntime:
 
     def logs(self, instance_id: str, *, tail: int | None, follow: bool) -> Iterator[bytes]:
         try:
-            yield from self._client.api.logs(instance_id, stream=True, follow=follow, tail=tail if tail is not None else "all")
+            # The stream itself, not a generator around it: its close() (from another thread) ends a blocked read.
+            return self._client.api.logs(instance_id, stream=True, follow=follow, tail=tail if tail is not None else "all")
         except NotFound:
-            return
+            return iter(())
 
     def watch_exits(self, on_exit: Callable[[str], None], stopped: Callable[[], bool]) -> None:
         """Docker's event stream, filtered to berth containers' `die`; reconnects when it breaks."""

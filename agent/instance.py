@@ -132,15 +132,18 @@ class Lifecycle:
     """Runs instances: each `run(inst)` is one instance's task; `stop` ends one for good."""
 
     def __init__(self, config: AgentConfig, runtime: Runtime, store: Store, gpus: GpuAllocator, metrics,
-                 event: EventSink, on_state: Callable[[], None], host_ports: bool) -> None:
+                 event: EventSink, on_state: Callable[[], None], host_ports: bool, routes,
+                 unstored: Callable[[Exception, str], None]) -> None:
         self.config = config
         self.runtime = runtime
         self.store = store
         self.gpus = gpus
         self.metrics = metrics
         self._event = event
-        self._on_state = on_state  # recounts the instances-by-state gauge
+        self._on_state = on_state  # the gateway's table and the instances-by-state gauge follow
         self.host_ports = host_ports
+        self.routes = routes  # agent/routes.py: the gateway's table
+        self.unstored = unstored  # a write the state disk refused: logged, supervision goes on
         self.session: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.by_runtime_id: dict[str, Instance] = {}
@@ -177,8 +180,11 @@ class Lifecycle:
     def persist(self, inst: Instance) -> None:
         if inst.surge:
             return  # a rollout's new instance takes over the slot's record once it is Ready
-        self.store.put_instance(inst.service, inst.slot, StoredInstance(
-            inst.restarts, inst.last_exit.as_json() if inst.last_exit else None, inst.gpus))
+        try:
+            self.store.put_instance(inst.service, inst.slot, StoredInstance(
+                inst.restarts, inst.last_exit.as_json() if inst.last_exit else None, inst.gpus))
+        except Exception as exc:  # noqa: BLE001 - see the supervisor's _unstored
+            self.unstored(exc, f"the record of {inst.id}")
 
     # --- the one task per instance ------------------------------------------------------------
 
@@ -186,19 +192,34 @@ class Lifecycle:
         inst.task = asyncio.create_task(self.run(inst))
 
     async def run(self, inst: Instance) -> None:
-        try:
-            while True:
-                if inst.handle is None or inst.handle.revision != inst.revision:
-                    if not await self._launch(inst):
+        while True:
+            try:
+                while True:
+                    if inst.handle is None or inst.handle.revision != inst.revision:
+                        if not await self._launch(inst):
+                            return
+                        if inst.handle is None:
+                            continue  # the pull or start failed and was backed off: try again
+                    exit_info = await self._supervise(inst)
+                    if not await self._after_exit(inst, exit_info):
                         return
-                exit_info = await self._supervise(inst)
-                if not await self._after_exit(inst, exit_info):
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an instance must never die silently
+                log.exception("instance %s: unexpected error", inst.id)
+                # Failed only when its processes are gone: one that runs, or that the runtime cannot
+                # tell about now (an engine restarting), is supervised again.
+                try:
+                    handle = inst.handle and await asyncio.to_thread(self.runtime.inspect, inst.handle.id)
+                    gone = handle is None or not handle.running
+                except Exception:  # noqa: BLE001 - the runtime itself is unreachable
+                    gone = False
+                if gone:
+                    self.set(inst, State.FAILED, f"agent error: {exc}")
                     return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an instance must never die silently
-            log.exception("instance %s: unexpected error", inst.id)
-            self.set(inst, State.FAILED, f"agent error: {exc}")
+                inst.ready = False
+                self.set(inst, State.UNHEALTHY, f"agent error: {exc}; supervised again")
+                await asyncio.sleep(self.config.timings.backoff_initial_s)
 
     async def _launch(self, inst: Instance) -> bool:
         """Replace what runs (if anything), pull, start. False when the instance cannot run."""
@@ -464,6 +485,7 @@ class Lifecycle:
         (scale-in, rollout, rm, liveness restart, eviction, lost GPU), so whatever must happen
         before a SIGTERM (leaving the node's routes) happens here."""
         if inst.handle is not None:
+            await self.routes.withdraw(inst)  # drain order: out of the gateway's table before SIGTERM
             await asyncio.to_thread(self.runtime.stop, inst.handle.id, grace_s)
 
     async def stop(self, inst: Instance) -> None:
@@ -477,7 +499,9 @@ class Lifecycle:
             await self.terminate(inst, grace)
             handle = await asyncio.to_thread(self.runtime.inspect, inst.handle.id)
             code = handle.exit.code if handle and handle.exit else None
+            runtime_id = inst.handle.id
             await self._forget(inst)
+            self.routes.forget(runtime_id)
             self.set(inst, State.STOPPED, f"revision {inst.revision} stopped in {time.monotonic() - started:.1f} s, "
                                           f"exit code {code}")
         else:

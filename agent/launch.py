@@ -31,12 +31,6 @@ def _under(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in map(posixpath.normpath, roots))
 
 
-def own_port(spec: ServiceSpec) -> bool:
-    """Whether the command reads its port from $PORT, so each instance on the host can have its own."""
-    command = " ".join(spec.container.argv or [])
-    return "$PORT" in command or "${PORT}" in command
-
-
 def confined_path(path: str, roots: Iterable[str]) -> str | None:
     """`path` resolved on the host, or None when it, or any link on the way, leaves every allowed root.
 
@@ -73,12 +67,16 @@ def _resolve_within(root: str, relative: str, max_links: int = 40) -> str | None
 def refused_ports(config: AgentConfig) -> dict[int, str]:
     """Ports on this host that no spec may use as its app port: the agent's own listeners.
 
-    A spec whose app port was the agent API's went Ready and put the API on its proxy port. The
-    gateway adds its ports here.
+    A spec whose app port was the agent API's went Ready and put the API on its proxy port.
     """
     ports: dict[int, str] = {}
     if not config.listen.startswith("unix:"):
         ports[int(config.listen.rpartition(":")[2])] = "the berth agent's API"
+    if config.gateway_managed:
+        for address, what in ((config.gateway, "the berth gateway"), (config.gateway_admin, "the berth gateway's admin port")):
+            port = int(address.rpartition(":")[2])
+            if port:  # 0: a free port, picked at start
+                ports[port] = what
     return ports
 
 
@@ -133,15 +131,15 @@ def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, ap
             ))
     if spec.metadata.gpu > gpu_capacity:
         issues.append(SpecIssue("metadata.gpu", f"{spec.metadata.gpu} GPU(s) asked; this node has {gpu_capacity}"))
-    if host_ports and not own_port(spec):
+    if host_ports:
         port = spec.container.port
         most = count if count is not None else max(spec.metadata.instance, spec.autoscaler.max if spec.autoscaler else 1)
-        if most > 1:
+        if most > 1 and not spec.container.bootstrap:
             issues.append(SpecIssue(
-                "autoscaler.max" if spec.autoscaler and count is None else "metadata.instance",
-                f"{most} instances would each bind app port {port} on the host (host network or process runtime); "
-                "run 1 instance per service here, let the command listen on $PORT (each instance gets its own), "
-                "or use the bridge network",
+                "metadata.instance",
+                f"without berth boot (containers[0].bootstrap false) each of the {most} instances would "
+                f"bind app port {port} on the host (host network or process runtime); run 1 instance here, enable the "
+                "bootstrap (each instance then gets its own port as PORT), or use the bridge network",
             ))
         owner = app_ports_in_use.get(port)
         if port in refused_ports(config):
@@ -170,6 +168,9 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
     # The operator's variables win over the spec's (a spec once pointed OSS_ENDPOINT elsewhere);
     # `env_for` scopes the operator's variables to one service.
     env = {**container.env_dict(), **config.env, **config.env_for.get(spec.name, {})}
+    if config.gateway != "off":
+        # The gateway stops sending before SIGTERM (the drain order): 1 s is for direct clients.
+        env.setdefault("BERTH_DRAIN_DELAY", "1")
     secret_files: dict[str, bytes] = {}
     spec_json = json.dumps(spec.to_json_dict(reveal_secrets=True, exclude_secrets=True))
     if len(spec_json.encode()) > SPEC_ENV_MAX_BYTES:
@@ -214,6 +215,7 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
         rt.LABEL_GPUS: ",".join(gpus),
         rt.LABEL_GRACE: str(spec.metadata.grace_s),
         rt.LABEL_AGENT: agent_label(config),
+        rt.LABEL_SPEC: env["BERTH_SPEC"],
     }
     if share is not None:
         env.update(share.env(spec.metadata.gpu_core_percentage))
@@ -223,9 +225,11 @@ def build_request(spec: ServiceSpec, revision: str, slot: int, config: AgentConf
     proxy = container.bootstrap and container.proxy
     proxy_port = admin_port = None
     app_port = container.port
-    if own_port(spec):  # $PORT (Cloud Run's convention): on the host, each instance its own; `berth boot --port` follows
-        app_port = free_port(config.host_ip) if host_ports else container.port
-        env["PORT"] = env["BERTH_PORT"] = str(app_port)
+    if host_ports and slot > 0 and container.bootstrap:
+        # One host, one port per instance: the first keeps the spec's, the others get their own
+        # (berth boot hands it to the command as PORT).
+        app_port = free_port(config.host_ip)
+        env["BERTH_PORT"] = str(app_port)
     if host_ports:
         admin_port = free_port(config.host_ip)
         labels[rt.LABEL_ADMIN_PORT] = str(admin_port)

@@ -6,6 +6,11 @@ per-service virtualenv under the state directory that sees the agent's own packa
 spec's pip libraries land there and nowhere else. A JSON record per instance (pid, start
 time, ports, labels) lets a restarted agent re-adopt live processes; the exit code comes
 from the status file `berth boot` writes (BERTH_STATUS_FILE).
+
+Each instance's output goes to `logs/<name>.log`, rotated like Docker's json-file (the
+operator's log_max_size_bytes and log_max_files). The virtualenv is built aside and renamed
+into place once complete, so a kill or a full disk mid-way never leaves a half-made one.
+`remove` deletes an instance's logs too; `remove_service` the service's virtualenv.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Callable, Iterator
 
 import psutil
 
+from agent import logs as log_files
 from agent.config import AgentConfig
 from agent.launch import service_root
 from agent.runtime import LABEL_SERVICE, ExitInfo, Handle, LaunchError, LaunchRequest
@@ -43,7 +49,10 @@ LIMITATIONS = [
     "a lost GPU is not detected (no in-container check)",
 ]
 BOOT_ENTRY = "from bootstrap.cli import main; raise SystemExit(main())"
+VENV_MARK = "berth-agent.pth"  # written last: a virtualenv without it is incomplete
 
+
+_VENV_LOCK = threading.Lock()
 
 class ProcessRuntime:
     name = "process"
@@ -99,15 +108,26 @@ class ProcessRuntime:
         """A per-service virtualenv that also sees the agent's packages (berth itself)."""
         folder = self._venvs / service
         python = folder / "bin" / "python"
-        if not python.exists():
-            venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
-            purelib = next(folder.glob("lib/python*/site-packages"))
-            # addsitedir (not a bare path) so that the agent's own .pth files, editable installs
-            # included, are processed too.
-            dirs = [path for path in site.getsitepackages() if Path(path).is_dir()]
-            (purelib / "berth-agent.pth").write_text(
-                "".join(f"import site; site.addsitedir({path!r})\n" for path in dirs)
-            )
+        with _VENV_LOCK:  # a service's instances start at once, each in a thread of its own
+            if python.exists() and any(folder.glob(f"lib/python*/site-packages/{VENV_MARK}")):
+                return str(python)
+            if folder.exists():
+                log.warning("the virtualenv %s is incomplete (a kill or a full disk while it was made): made again", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            building = self._venvs / f".{service}.building"
+            shutil.rmtree(building, ignore_errors=True)
+            try:
+                venv.EnvBuilder(with_pip=False, symlinks=True).create(building)
+                purelib = next(building.glob("lib/python*/site-packages"))
+                # addsitedir (not a bare path) so that the agent's own .pth files, editable installs
+                # included, are processed too.
+                dirs = [path for path in site.getsitepackages() if Path(path).is_dir()]
+                (purelib / VENV_MARK).write_text("".join(f"import site; site.addsitedir({path!r})\n" for path in dirs))
+                os.rename(building, folder)  # complete, or not there at all
+            except OSError as exc:
+                raise LaunchError(f"cannot make the virtualenv {folder}: {exc.strerror or exc}") from None
+            finally:
+                shutil.rmtree(building, ignore_errors=True)
         return str(python)
 
     def _prepare_mounts(self, request: LaunchRequest) -> None:
@@ -142,6 +162,10 @@ class ProcessRuntime:
             local = str(self._config.state_dir / "secrets" / request.name / Path(target).name)
             env.update({name: local for name, value in env.items() if value == target})
         return env
+
+    def remove_service(self, service: str) -> None:
+        """What deploy made for the service beyond its instances: its virtualenv."""
+        shutil.rmtree(self._venvs / service, ignore_errors=True)
 
     def _record_path(self, instance_id: str) -> Path:
         return self._records / f"{instance_id}.json"
@@ -234,7 +258,8 @@ class ProcessRuntime:
                        for other in self.list()):
                 self._undo_storage(record)
             shutil.rmtree(self._config.state_dir / "secrets" / instance_id, ignore_errors=True)
-            for path in (self._record_path(instance_id), Path(record["status"])):
+            for path in (self._record_path(instance_id), Path(record["status"]),
+                         *log_files.rotated(Path(record["log"]), self._config.log_max_files)):
                 path.unlink(missing_ok=True)
         with self._lock:
             self._children.pop(instance_id, None)
@@ -266,14 +291,15 @@ class ProcessRuntime:
         record = self._read(instance_id)
         if record is None:
             return
-        with open(record["log"], "rb") as handle:
-            lines = handle.read().splitlines(keepends=True)
+        *older, current = log_files.rotated(Path(record["log"]), self._config.log_max_files) or [Path(record["log"])]
+        with open(current, "rb") as handle:
+            lines = b"".join(path.read_bytes() for path in older) + handle.read()
+            lines = lines.splitlines(keepends=True)
             yield b"".join(lines if tail is None else lines[-tail:] if tail else [])
             while follow and self._alive(record):
                 chunk = handle.read()
-                if chunk:
-                    yield chunk
-                else:
+                yield chunk  # empty while idle: a heartbeat, so that a follower who left is noticed
+                if not chunk:
                     time.sleep(0.2)
             if follow:
                 yield handle.read()
@@ -286,7 +312,15 @@ class ProcessRuntime:
                 if not handle.running and (handle.id, handle.created_at) not in reported:
                     reported.add((handle.id, handle.created_at))
                     on_exit(handle.id)
+            self._rotate_logs()
             time.sleep(self._config.timings.process_poll_s)
+
+    def _rotate_logs(self) -> None:
+        for path in self._logs.glob("*.log"):
+            try:
+                log_files.rotate_if_needed(path, self._config.log_max_size_bytes, self._config.log_max_files)
+            except OSError as exc:  # a full disk: the next pass tries again
+                log.warning("cannot rotate %s: %s", path, exc.strerror or exc)
 
     def node_info(self) -> dict:
         return {"engine": f"local processes (Python {sys.version.split()[0]})", "images": []}

@@ -217,6 +217,13 @@ class Reconciler:
             if handle.service == svc.name:
                 await asyncio.to_thread(runtime.stop, handle.id, svc.spec.metadata.grace_s)
                 await asyncio.to_thread(runtime.remove, handle.id)
-        self.store.delete_service(svc.name)
+        await asyncio.to_thread(runtime.remove_service, svc.name)
+        while True:  # the removal's outcome hangs on this write: retried until the state disk has space again
+            try:
+                self.store.delete_service(svc.name)
+                break
+            except Exception as exc:  # noqa: BLE001
+                self.lifecycle.unstored(exc, f"the removal of {svc.name}")
+                await asyncio.sleep(1)
         self._forget(svc)
         self._event("Deleted", "every instance stopped and removed", svc.name, None)

@@ -27,6 +27,7 @@ LABEL_PROXY_PORT = "berth.proxy-port"
 LABEL_ADMIN_PORT = "berth.admin-port"
 LABEL_APP_PORT = "berth.app-port"  # host mode without the proxy: clients reach the app here
 LABEL_AGENT = "berth.agent"  # the state directory of the agent that runs the instance
+LABEL_SPEC = "berth.spec"  # the spec, secrets left out (as in BERTH_SPEC): what --recover-from-runtime rebuilds from
 
 PROXY_PORT = 8080
 ADMIN_PORT = 9090
@@ -154,6 +155,9 @@ class Runtime(Protocol):
         """SIGTERM, then SIGKILL after `grace_s`; returns once it has exited."""
 
     def remove(self, instance_id: str) -> None: ...
+
+    def remove_service(self, service: str) -> None:
+        """Remove what the runtime made for a service beyond its instances (once all are removed)."""
 
     def logs(self, instance_id: str, *, tail: int | None, follow: bool) -> Iterator[bytes]: ...
 

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -289,7 +289,7 @@ class Autoscaling:
         self._services = services
         self._set_desired = set_desired
         self._gpu_util = gpu_util
-        self.gateway_admin_url: str | None = None  # set where the node gateway runs: qps and concurrency come from it
+        self.gateway_admin: Callable[[], str | None] = lambda: None  # the node gateway's admin URL, where one runs
         self.session: aiohttp.ClientSession | None = None
         self.state: dict[str, ServiceScaling] = {}
 
@@ -306,9 +306,9 @@ class Autoscaling:
         services = [svc for svc in self._services() if not svc.deleting]
         for name in set(self.state) - {svc.name for svc in services}:
             del self.state[name]
-        gateway = None
-        if self.gateway_admin_url and any(svc.spec.autoscaler for svc in services):
-            gateway = await gateway_stats(self.session, self.gateway_admin_url)
+        gateway, admin = None, self.gateway_admin()
+        if admin and any(svc.spec.autoscaler for svc in services):  # qps and concurrency from the gateway's own counts
+            gateway = await gateway_stats(self.session, admin)
         for svc in services:
             if svc.spec.cronscaler is not None:
                 self._fire_cron(svc)

@@ -7,18 +7,30 @@ revision is wanted at 0), what decided that count (manual scale, cron job, autos
 service's past revisions (for rollbacks), per-instance restart counts, last exits and GPU
 assignments, and the event log. An agent restarted mid-rollout or mid-scale reads the desired
 state back and carries on towards it.
+
+Losing this file must never read as "the operator wants nothing": a database that is
+unreadable or corrupt, or missing while instances of this agent run, stops the agent at
+start with an error saying what to do (`StateError`); `--recover-from-runtime` rebuilds the
+services from the instances' labels instead (`recover_from_runtime`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from agent.runtime import LABEL_SPEC, Handle
+
+RECOVER_HINT = ("start the agent with --recover-from-runtime to rebuild the services from the running instances' "
+                "labels (their secrets are not in the labels: update those services with their full config after)")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -34,6 +46,7 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, service TEXT, instance TEXT,
     kind TEXT NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL NOT NULL);
 """
 
 
@@ -55,20 +68,72 @@ class StoredInstance:
     gpus: list[str]
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says a disk is full (a write's ENOSPC, or SQLite's SQLITE_FULL)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
+
+
+def disk_full_message(state_dir: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(state_dir).free} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return f"the state directory's disk is full: {free} on {state_dir}; free space there and try again"
+
+
+class StateError(Exception):
+    """The state database cannot be trusted; the message says what to do. Nothing was touched."""
+
+
 class Store:
     def __init__(self, path: Path) -> None:
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(services)")}
-        for column, declaration in (("desired", "INTEGER"), ("scaling", "TEXT NOT NULL DEFAULT '{}'")):
-            if column not in columns:  # a state directory written by an agent before desired counts
-                self._db.execute(f"ALTER TABLE services ADD COLUMN {column} {declaration}")
+        try:
+            with open(path, "rb"):
+                pass
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            verdict = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(verdict)
+            self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(services)")}
+            for column, declaration in (("desired", "INTEGER"), ("scaling", "TEXT NOT NULL DEFAULT '{}'")):
+                if column not in columns:  # a state directory written by an agent before desired counts
+                    self._db.execute(f"ALTER TABLE services ADD COLUMN {column} {declaration}")
+        except OSError as exc:
+            raise StateError(f"cannot read the state database {path}: {exc.strerror or exc}; fix its permissions "
+                             f"(the agent's user must read and write it), or move it aside and {RECOVER_HINT}") from None
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"the state database {path} is unreadable or corrupt ({exc}): move it aside and "
+                             f"{RECOVER_HINT}") from None
         self._lock = threading.Lock()
+        self._identity = _identity(path)
+
+    def write_back_if_deleted(self) -> bool:
+        """The file was deleted under the running agent (SQLite goes on with the unlinked file,
+        and the next start would find nothing): write the open database back to its path and
+        use that. True when it did."""
+        if _identity(self.path) is not None:
+            return False  # there (a file put in its place is the operator's: left alone)
+        copy = self.path.with_name(self.path.name + ".restoring")
+        with self._lock:
+            copy.unlink(missing_ok=True)
+            self._db.execute("VACUUM INTO ?", (str(copy),))
+            os.chmod(copy, 0o600)
+            os.replace(copy, self.path)
+            self._db.close()
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._identity = _identity(self.path)
+        return True
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -117,6 +182,19 @@ class Store:
         self._run("DELETE FROM instances WHERE service=?", (name,))
         self._run("DELETE FROM revisions WHERE service=?", (name,))
 
+    # --- service groups (their files, token included) -----------------------------------------
+
+    def put_group(self, name: str, spec: dict[str, Any]) -> None:
+        self._run("INSERT OR REPLACE INTO groups (name, spec, updated) VALUES (?, ?, ?)", (name, json.dumps(spec), time.time()))
+
+    def groups(self) -> list[dict[str, Any]]:
+        return [json.loads(spec) for (spec,) in self._run("SELECT spec FROM groups ORDER BY name")]
+
+    def delete_group(self, name: str) -> bool:
+        found = bool(self._run("SELECT 1 FROM groups WHERE name=?", (name,)))
+        self._run("DELETE FROM groups WHERE name=?", (name,))
+        return found
+
     # --- instances ----------------------------------------------------------------------------
 
     def instance(self, service: str, slot: int) -> StoredInstance:
@@ -160,3 +238,40 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def recover_from_runtime(store: Store, handles: Iterable[Handle]) -> list[str]:
+    """Rebuild each service the store lacks from its newest instance's labels, under that
+    instance's own revision (so every running instance is adopted as it runs, none restarted).
+    The names recovered; services the store still holds keep their full (secret-bearing) spec."""
+    known = {stored.name for stored in store.services()}
+    newest: dict[str, Handle] = {}
+    for handle in sorted(handles, key=lambda h: h.created_at):
+        if handle.service not in known:
+            newest[handle.service] = handle
+    unlabelled = sorted(name for name, handle in newest.items() if LABEL_SPEC not in handle.labels)
+    if unlabelled:
+        raise StateError(f"cannot recover {', '.join(unlabelled)}: their instances carry no {LABEL_SPEC} label "
+                         f"(started by an older berth); restore the state database from a backup")
+    for name, handle in sorted(newest.items()):
+        store.put_service(name, json.loads(handle.labels[LABEL_SPEC]), handle.revision)
+        store.add_event("Recovered", f"rebuilt from instance {handle.id} (revision {handle.revision}); secrets "
+                                     f"are not recovered", name)
+    return sorted(newest)
+
+
+def check_database(path: Path, handles: list[Handle]) -> None:
+    """A missing database is a first start only when no instance of this agent runs."""
+    if path.exists() or not handles:
+        return
+    names = ", ".join(sorted({handle.service for handle in handles}))
+    raise StateError(f"the state database {path} is missing, but {len(handles)} instance(s) of this agent exist "
+                     f"(services {names}); nothing was stopped. Restore the file, or {RECOVER_HINT}")

@@ -36,8 +36,9 @@ from agent.gpus import GpuAllocator, GpuShare, open_inventory
 from agent.instance import Instance, Lifecycle, State, cancel
 from agent.reconcile import Reconciler, Service
 from agent.revision import revision as revision_of
+from agent.routes import Routes
 from agent.runtime import LABEL_GPU_MEMORY, LABEL_GPUS, Handle, Runtime
-from agent.state import Store
+from agent.state import Store, disk_full, disk_full_message
 from bootstrap.errors import CommandFailed
 from bootstrap.spec import ServiceSpec, SpecError, SpecIssue, parse_spec
 
@@ -68,12 +69,14 @@ class Supervisor:
         self.gpus = GpuAllocator(open_inventory(config.gpu_inventory_file), config.state_dir / "gpu-checkpoint.json")
         self.gpu_watch = gpu_share.MemoryWatch()
         self.host_ports = config.network == "host" or runtime.name == "process"
-        self.lifecycle = Lifecycle(config, runtime, store, self.gpus, self.metrics, self._event, self._count_states,
-                                   self.host_ports)
+        self.routes = Routes(self, store)  # the gateway's table; published on every change
+        self.lifecycle = Lifecycle(config, runtime, store, self.gpus, self.metrics, self._event, self._state_changed,
+                                   self.host_ports, self.routes, self._unstored)
         self.reconciler = Reconciler(self.lifecycle, store, self._event, config.timings.rollout_ready_timeout_s,
-                                     self.host_ports, lambda svc: self.services.pop(svc.name, None))
+                                     self.host_ports, self._forget_service)
         self.autoscaling = scaling.Autoscaling(config.metric_window_s, lambda: list(self.services.values()),
                                                self._scale_decided, self._gpu_util)
+        self.autoscaling.gateway_admin = lambda: self.routes.gateway_admin_url
         self._subscribers: set[asyncio.Queue] = set()
         self._closing = False
         self._background: set[asyncio.Task] = set()
@@ -93,7 +96,8 @@ class Supervisor:
         log.info("runtime %s: %d instance(s) found, %d adopted in %.2f s; GPUs from %s", self.runtime.name, len(handles),
                  adopted, time.monotonic() - started, self.gpus.inventory.describe())
         timings = self.config.timings
-        for period, housekeeping in ((timings.reaper_period_s, self.reap_strays),
+        for period, housekeeping in ((timings.state_check_period_s, self.keep_state_database),
+                                     (timings.reaper_period_s, self.reap_strays),
                                      (timings.eviction_period_s, self.evict_over_disk_limit),
                                      (timings.gpu_check_period_s, self.check_gpus),
                                      (timings.gpu_watch_period_s, self.watch_gpu_memory),
@@ -191,6 +195,7 @@ class Supervisor:
                                      gpu_capacity=self.gpu_capacity(), process_runtime=self.runtime.name == "process",
                                      count=count)
         issues += gpu_share.share_issues(spec.metadata, self.gpus.inventory.gpus())
+        issues += self.routes.check_service(spec)
         if issues:
             raise SpecError(issues)
 
@@ -213,6 +218,7 @@ class Supervisor:
         self.store.put_service(spec.name, spec.to_json_dict(reveal_secrets=True), revision, desired)
         svc = Service(spec, revision, time.time(), desired)
         self.services[spec.name] = svc
+        self.routes.changed()  # the name exists now: the gateway holds its requests until an instance is Ready
         self._event("Deployed", f"revision {revision}, {desired} instance(s), image {spec.container.image}", svc.name)
         self._store_desired(svc)
         self.reconciler.watch(svc)
@@ -295,8 +301,9 @@ class Supervisor:
         if svc is None:
             raise KeyError(name)
         if not svc.deleting:
+            self.store.mark_deleting(name)  # first: when the disk is full, nothing has changed
             svc.deleting = True
-            self.store.mark_deleting(name)
+            self.routes.changed()
             self.reconciler.watch(svc, supersede=True)
         return svc
 
@@ -313,8 +320,26 @@ class Supervisor:
         svc.changed.set()
 
     def _store_desired(self, svc: Service) -> None:
-        self.store.put_desired(svc.name, svc.desired, svc.scaling)
+        try:
+            self.store.put_desired(svc.name, svc.desired, svc.scaling)
+        except Exception as exc:  # noqa: BLE001 - see _unstored: the count still applies in memory
+            self._unstored(exc, f"the desired count of {svc.name}")
         self.metrics.desired.labels(svc.name).set(svc.desired)
+
+    def _forget_service(self, svc: Service) -> None:
+        """A removed service leaves the table, the gateway's routes and its instances' kept logs."""
+        for inst in svc.every_instance():
+            self.previous_logs_path(inst).unlink(missing_ok=True)
+        self.services.pop(svc.name, None)
+        self.routes.changed()
+
+    # --- a full disk under the state directory: supervision goes on, writes wait for space ----
+
+    def _unstored(self, exc: Exception, what: str) -> None:
+        """A record that could not be written: logged; the instance it describes is supervised on."""
+        if not disk_full(exc):
+            raise exc
+        log.error("%s not stored: %s", what, disk_full_message(self.config.state_dir))
 
     def _gpu_util(self) -> dict[str, float]:
         """Each GPU's utilization (percent) by UUID, from the GPU inventory (NVML, or a recorded one)."""
@@ -386,6 +411,13 @@ class Supervisor:
             self._event("ImagesCollected", f"image filesystem {result.usage.percent:.0f}% used: removed {names} "
                                            f"({result.freed_bytes} bytes)")
 
+    async def keep_state_database(self) -> None:
+        """A state database deleted under the running agent is written back at once (see Store)."""
+        if await asyncio.to_thread(self.store.write_back_if_deleted):
+            log.error("the state database %s was deleted while the agent ran: written back from the open copy",
+                      self.store.path)
+            self._event("StateRestored", f"{self.store.path} was deleted while the agent ran; written back")
+
     async def reap_strays(self) -> None:
         """Remove berth instances no service wants, once older than the stray grace (Nomad's reaper)."""
         now = time.time()
@@ -425,9 +457,11 @@ class Supervisor:
             # Where to send requests now: every Ready instance, of whichever revision (a rollout serves from both).
             "endpoints": [inst.endpoint for inst in instances if inst.ready and inst.endpoint],
             "rollout": svc.rollout, "autoscaler": autoscaler, "instances": views, "spec": svc.spec.to_json_dict(),
+            "gateway_url": f"{self.routes.gateway_url}/api/predict/{svc.name}" if self.routes.gateway_url else None,
         }
 
-    def _count_states(self) -> None:
+    def _state_changed(self) -> None:
+        self.routes.changed()  # readiness may have changed: the gateway's table follows
         counts: dict[str, int] = {s.value: 0 for s in State}
         for svc in self.services.values():
             for other in svc.every_instance():
@@ -436,7 +470,12 @@ class Supervisor:
             self.metrics.instances.labels(name).set(count)
 
     def _event(self, kind: str, message: str, service: str | None = None, inst: Instance | None = None) -> None:
-        event = self.store.add_event(kind, message, service, inst.id if inst else None)
+        try:
+            event = self.store.add_event(kind, message, service, inst.id if inst else None)
+        except Exception as exc:  # noqa: BLE001 - see _unstored: subscribers still hear it
+            self._unstored(exc, "an event")
+            event = {"id": None, "at": time.time(), "service": service, "instance": inst.id if inst else None,
+                     "kind": kind, "message": message}
         where = inst.id if inst else (service or "agent")
         log.info("%s: %s%s", where, kind, f": {message}" if message else "")
         for queue in list(self._subscribers):
@@ -454,7 +493,7 @@ class Supervisor:
                 yield event
             while follow:
                 event = await queue.get()
-                if event["id"] > last and (service is None or event["service"] == service):
+                if (event["id"] is None or event["id"] > last) and (service is None or event["service"] == service):
                     yield event
         finally:
             self._subscribers.discard(queue)

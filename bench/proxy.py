@@ -1,6 +1,6 @@
 """Proxy overhead: berth's proxy against going direct and against nginx as a reverse proxy.
 
-    .venv/bin/python bench/proxy.py [--seconds 10] [--rates 500,1000,2000] [--rounds 2]
+    .venv/bin/python bench/proxy.py [--seconds 10] [--rates 500,1000] [--rounds 3]
 
 One run, same machine, side by side. The upstream is nginx returning a constant (so the
 proxies are measured, not the app); berth boot runs that nginx as its child and proxies to it;
@@ -10,10 +10,13 @@ nginx (1 worker, as berth is one process) proxies to the same upstream with keep
   send time and its latency counts from then, so queueing shows (closed-loop tools such as
   wrk wait for an answer before sending and hide it). Added latency = proxied - direct.
 - Maximum rate: h2load (nghttp2-client) over HTTP/1.1, 64 connections, closed loop: the
-  right tool for throughput, which is what it measures here. Two reference rows beside it:
-  aiohttp's server answering a constant (the ceiling of any proxy on that server) and a bare
-  httptools server in front of berth's upstream pool (what a server side of berth's own
-  could reach, before its handler chain).
+  right tool for throughput, which is what it measures here; the median of the rounds, the
+  targets alternating, with each one's CPU microseconds per request (its process's user +
+  system time over the requests h2load completed). The candidates for the server side run
+  beside it, each in front of the same upstream with berth's upstream pool and no handler
+  chain: a bare httptools protocol, granian's embedded server (RSGI; a row only when the
+  `granian` package imports), and, as ceilings without proxying, aiohttp's server and
+  berth's own server (serving/server.py) answering a constant.
 - SSE: the suite's test app streams events 20 ms apart; time to first chunk and the mean gap
   between chunks as the client sees them, proxied vs direct.
 - Proxy CPU per 1000 requests, from the proxy process's CPU time over the fixed-rate runs.
@@ -84,8 +87,8 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 """
-# What a server side of berth's own could reach: an httptools request parser in front of
-# berth's upstream pool, no handler chain, GET only (no limits, drain, metrics or streaming).
+# Candidates for the server side, each in front of berth's upstream pool with no handler
+# chain, GET only (no limits, drain, metrics or streaming). A bare httptools protocol:
 LEAN_PROXY = """\
 import asyncio, sys, uvloop, httptools
 from serving.upstream import UpstreamPool
@@ -101,13 +104,40 @@ class Lean(asyncio.Protocol):
         upstream = await self.pool.request("GET", url, headers + [(b"X-Forwarded-For", b"127.0.0.1")], None)
         body = await upstream.read()
         upstream.release()
-        head = [b"HTTP/1.1 %d %s\\r\\n" % (upstream.status, upstream.reason.encode())]
+        head = [b"HTTP/1.1 %d %s\\r\\n" % (upstream.status, upstream.reason)]
         head += [b"%s: %s\\r\\n" % pair for pair in upstream.headers if pair[0].lower() not in (b"connection", b"content-length")]
         if not self.transport.is_closing():  # h2load closes its connections mid-request at the end
             self.transport.write(b"".join(head) + b"Content-Length: %d\\r\\n\\r\\n" % len(body) + body)
 async def main():
     pool = UpstreamPool("127.0.0.1", int(sys.argv[2]), idle_timeout=4)
     await asyncio.get_running_loop().create_server(lambda: Lean(pool), "127.0.0.1", int(sys.argv[1]))
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+# granian's embedded server (Rust, hyper) in this process's event loop, RSGI interface.
+GRANIAN_PROXY = """\
+import sys, uvloop
+from granian.constants import Interfaces
+from granian.server.embed import Server
+from serving.upstream import UpstreamPool
+pools = []
+async def relay(scope, proto):
+    if not pools: pools.append(UpstreamPool("127.0.0.1", int(sys.argv[2]), idle_timeout=4))
+    headers = [(k.encode(), v.encode()) for k, v in scope.headers.items()] + [(b"X-Forwarded-For", b"127.0.0.1")]
+    upstream = await pools[0].request(scope.method, scope.path + ("?" + scope.query_string if scope.query_string else ""), headers, None)
+    body = await upstream.read()
+    upstream.release()
+    proto.response_bytes(upstream.status, [(k.decode(), v.decode()) for k, v in upstream.headers], body)
+uvloop.run(Server(relay, address="127.0.0.1", port=int(sys.argv[1]), interface=Interfaces.RSGI, log_enabled=False, websockets=False).serve())
+"""
+# berth's own server side answering a constant: the ceiling of any chain on it.
+BERTH_HELLO = """\
+import asyncio, sys, uvloop
+from serving.http import Response
+from serving.server import Server
+async def hello(request): return Response(200, b"ok\\n", [(b"Content-Type", b"text/plain")])
+async def main():
+    await Server(hello).listen("127.0.0.1", int(sys.argv[1]))
     await asyncio.Event().wait()
 uvloop.run(main())
 """
@@ -157,13 +187,13 @@ class _Conn(asyncio.Protocol):
             self.waiter.set_exception(ConnectionError("closed"))
 
 
-async def open_loop(port: int, rate: float, seconds: float) -> tuple[list[float], int]:
+async def open_loop(port: int, rate: float, seconds: float, path: str = "/") -> tuple[list[float], int]:
     """Send `rate` requests/s for `seconds` on a schedule; latency from each scheduled time."""
     loop = asyncio.get_running_loop()
     idle: list[_Conn] = []
     latencies: list[float] = []
     errors = 0
-    request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
 
     async def one(scheduled: float) -> None:
         nonlocal errors
@@ -226,12 +256,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def h2load_max(port: int, seconds: float) -> float:
+def h2load_max(port: int, seconds: float, pid: int | None, path: str = "/") -> tuple[float, float | None]:
+    """Requests per second, and the CPU microseconds per request of process `pid`."""
+    before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
-        ["h2load", "--h1", "-t", "1", "-c", "64", "-D", str(int(seconds)), "--warm-up-time", "1", f"http://127.0.0.1:{port}/"],
+        ["h2load", "--h1", "-t", "1", "-c", "64", "-D", str(int(seconds)), "--warm-up-time", "1", f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, check=True,
     ).stdout
-    return float(re.search(r"finished in .*?, ([\d.]+) req/s", out).group(1))
+    rate = float(re.search(r"finished in .*?, ([\d.]+) req/s", out).group(1))
+    done = int(re.search(r"requests: \d+ total, \d+ started, (\d+) done", out).group(1))
+    # The CPU spans the warm-up second too: counted as if served at the measured rate.
+    served = done + rate
+    return rate, ((cpu_seconds(pid) - before) / served * 1e6 if pid and served else None)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -245,21 +281,30 @@ def cpu_seconds(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--rates", default="500,1000,2000")
-    parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times per rate")
+    parser.add_argument("--rates", default="500,1000")
+    parser.add_argument("--rounds", type=int, default=3, help="alternate the targets this many times (per rate, and for the maximum)")
     args = parser.parse_args()
     for tool in ("nginx", "h2load"):
         if shutil.which(tool) is None and not Path("/usr/sbin/nginx").exists():
             sys.exit(f"{tool} is missing: apt-get install nginx nghttp2-client")
 
     prefix = Path(tempfile.mkdtemp(prefix="berth-bench-"))
-    upstream, sse, nginx_port, proxy_port, admin_port, hello, lean = (free_port() for _ in range(7))
+    upstream, sse, nginx_port, proxy_port, admin_port, hello, lean, granian, berth_hello = (free_port() for _ in range(9))
     processes: list[subprocess.Popen] = []
     try:
         sse_app = subprocess.Popen([sys.executable, "-m", "tests.apps.slowapp", "--port", str(sse)], cwd=REPO, stdout=subprocess.DEVNULL)
         processes.append(sse_app)
-        processes.append(subprocess.Popen([sys.executable, "-c", AIOHTTP_HELLO, str(hello)]))
-        processes.append(subprocess.Popen([sys.executable, "-c", LEAN_PROXY, str(lean), str(upstream)], cwd=REPO))
+        candidates = {"httptools protocol + berth's pool (no chain)": (LEAN_PROXY, lean),
+                      "granian embedded (RSGI) + berth's pool (no chain)": (GRANIAN_PROXY, granian),
+                      "aiohttp server, hello world (no proxying)": (AIOHTTP_HELLO, hello),
+                      "berth's server, hello world (no proxying)": (BERTH_HELLO, berth_hello)}
+        if subprocess.run([sys.executable, "-c", "import granian"], capture_output=True).returncode != 0:
+            del candidates["granian embedded (RSGI) + berth's pool (no chain)"]
+        ceilings = {}
+        for name, (code, port) in candidates.items():
+            process = subprocess.Popen([sys.executable, "-c", code, str(port), str(upstream)], cwd=REPO)
+            processes.append(process)
+            ceilings[name] = (port, process.pid)
         proxy_conf = nginx_config(prefix, "proxy", PROXY_BODY.format(port=nginx_port, upstream=upstream, sse=sse))
         nginx_proxy = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(proxy_conf)], stderr=subprocess.DEVNULL)
         processes.append(nginx_proxy)
@@ -271,14 +316,12 @@ def main() -> None:
             cwd=REPO, stderr=open(prefix / "boot.log", "wb"),
         )
         processes.append(boot)
-        for port in (upstream, sse, nginx_port, proxy_port, hello, lean):
+        for port in (upstream, sse, nginx_port, proxy_port, *(port for port, _ in ceilings.values())):
             wait_port(port)
         while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/ready"], capture_output=True).returncode != 0:
             time.sleep(0.1)
         nginx_worker = psutil.Process(nginx_proxy.pid).children()[0].pid
         targets = {"direct": (upstream, None), "nginx": (nginx_port, nginx_worker), "berth": (proxy_port, boot.pid)}
-        ceilings = {"aiohttp hello world (no proxying: the ceiling of aiohttp's server)": hello,
-                    "httptools server + berth's upstream pool (no handler chain)": lean}
         report = run(targets, args, sse, ceilings, prefix)
     finally:
         for process in reversed(processes):
@@ -291,15 +334,16 @@ def main() -> None:
     print(report)
 
 
-def run(targets: dict, args, sse_port: int, ceilings: dict[str, int], prefix: Path) -> str:
+def run(targets: dict, args, sse_port: int, ceilings: dict[str, tuple[int, int]], prefix: Path) -> str:
     lines = [f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, load average "
              f"{os.getloadavg()[0]:.1f} at the start; python {sys.version.split()[0]}; nginx 1 worker; "
              f"{args.seconds:g} s per run, {args.rounds} rounds"]
     lines.append("")
-    lines.append("| rate (req/s) | target | p50 ms | p99 ms | added p50 ms | added p99 ms | errors | proxy CPU ms / 1000 req |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append(f"| rate (req/s) | target | p50 ms | p99 ms | added p50 ms | added p99 ms | p99 - nginx's ms | errors | CPU us/req |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for rate in (float(r) for r in args.rates.split(",")):
-        results: dict[str, list[float]] = {name: [] for name in targets}
+        p50s: dict[str, list[float]] = {name: [] for name in targets}
+        p99s: dict[str, list[float]] = {name: [] for name in targets}
         errors = {name: 0 for name in targets}
         cpu = {name: 0.0 for name in targets}
         for _ in range(args.rounds):
@@ -307,22 +351,35 @@ def run(targets: dict, args, sse_port: int, ceilings: dict[str, int], prefix: Pa
                 before = cpu_seconds(pid) if pid else 0.0
                 latencies, failed = uvloop.run(open_loop(port, rate, args.seconds))
                 cpu[name] += (cpu_seconds(pid) - before) if pid else 0.0
-                results[name] += latencies
+                p50s[name].append(percentile(latencies, 0.5))
+                p99s[name].append(percentile(latencies, 0.99))
                 errors[name] += failed
-        base50, base99 = percentile(results["direct"], 0.5), percentile(results["direct"], 0.99)
+        # Each figure: the median over the rounds of that round's percentile.
+        p50 = {name: statistics.median(values) * 1000 for name, values in p50s.items()}
+        p99 = {name: statistics.median(values) * 1000 for name, values in p99s.items()}
         for name in targets:
-            p50, p99 = percentile(results[name], 0.5), percentile(results[name], 0.99)
             sent = rate * args.seconds * args.rounds
-            cpu_text = f"{cpu[name] / sent * 1000 * 1000:.0f}" if targets[name][1] else "-"
-            added = ("-", "-") if name == "direct" else (f"{(p50 - base50) * 1000:.2f}", f"{(p99 - base99) * 1000:.2f}")
-            lines.append(f"| {rate:.0f} | {name} | {p50 * 1000:.2f} | {p99 * 1000:.2f} | {added[0]} | {added[1]} | {errors[name]} | {cpu_text} |")
+            cpu_text = f"{cpu[name] / sent * 1e6:.0f}" if targets[name][1] else "-"
+            added = "| - | - | -" if name == "direct" else (
+                f"| {p50[name] - p50['direct']:.2f} | {p99[name] - p99['direct']:.2f} | {p99[name] - p99['nginx']:.2f}")
+            lines.append(f"| {rate:.0f} | {name} | {p50[name]:.2f} | {p99[name]:.2f} {added} | {errors[name]} | {cpu_text} |")
+    lines.append(f"load average {os.getloadavg()[0]:.1f} after the fixed rates")
     lines.append("")
-    lines.append("| target | max req/s (h2load, 64 conns) | vs nginx |")
-    lines.append("|---|---|---|")
-    maxima = {name: h2load_max(port, args.seconds) for name, (port, _) in targets.items()}
-    maxima.update({name: h2load_max(port, args.seconds) for name, port in ceilings.items()})
-    for name, value in maxima.items():
-        lines.append(f"| {name} | {value:.0f} | {value / maxima['nginx']:.0%} |")
+    everyone = {**targets, **ceilings}
+    runs: dict[str, list[tuple[float, float | None]]] = {name: [] for name in everyone}
+    for _ in range(args.rounds):
+        for name, (port, pid) in everyone.items():
+            runs[name].append(h2load_max(port, args.seconds, pid))
+    lines.append(f"| target | max req/s (h2load, 64 conns, median of {args.rounds}) | each round | vs nginx | CPU us/req |")
+    lines.append("|---|---|---|---|---|")
+    nginx_max = statistics.median(rate for rate, _ in runs["nginx"])
+    for name, measured in runs.items():
+        rate = statistics.median(r for r, _ in measured)
+        cpus = [c for _, c in measured if c is not None]
+        cpu = f"{statistics.median(cpus):.0f}" if cpus else "-"
+        each = ", ".join(f"{r:.0f}" for r, _ in measured)
+        lines.append(f"| {name} | {rate:.0f} | {each} | {rate / nginx_max:.0%} | {cpu} |")
+    lines.append(f"load average {os.getloadavg()[0]:.1f} at the end of the maximum rates")
     lines.append("")
     lines.append(sse_section(sse_port, targets["nginx"][0], prefix))
     return "\n".join(lines)

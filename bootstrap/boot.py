@@ -30,7 +30,7 @@ from serving.admin import AppMetrics, admin_app, start_admin
 from serving.engine import Engine
 from serving import timeouts
 from serving.metrics import Metrics
-from serving.proxy import ProxyConfig, build_chain, start_server, upstream_session
+from serving.proxy import ProxyConfig, build_chain, start_server, upstream_pool
 from serving.state import BootState, State
 
 log = logging.getLogger("berth.boot")
@@ -172,6 +172,9 @@ class Boot:
 
     def _launch(self) -> None:
         self.state.set(State.LAUNCHING)
+        held = probes.port_in_use(self.config.app_port)
+        if held is not None:
+            raise StartupFailed(held)
         launch = self.config.engine.launch(self.config.app_port)
         self.child = Child.start(launch.argv, {**self.config.env, **launch.env})
         self.state.child_pid = self.child.pid
@@ -187,7 +190,7 @@ class Boot:
                 for probe in gates:
                     if probe is not None and probe.initial_delay_seconds:
                         await asyncio.sleep(probe.initial_delay_seconds)
-                    check = probes.check_for(probe, self.config.app_port)
+                    check = probes.check_for(probe, self.config.app_port, child_pid=self.child.pid)
                     successes = probe.success_threshold if probe else 1
                     await probes.ProbeLoop(check, self.config.probe_interval, successes).until_passing()
         except TimeoutError:
@@ -195,7 +198,7 @@ class Boot:
 
     async def _warm(self) -> None:
         try:
-            requests = self._warmup_requests()
+            requests = await self._warmup_requests()
             if requests:
                 self.state.warmup = await warmup.replay(requests, f"http://127.0.0.1:{self.config.app_port}")
         except warmup.WarmupError as exc:
@@ -204,11 +207,11 @@ class Boot:
             self.state.last_error = str(exc)
             log.warning("%s (ignored: --warmup-policy ignore)", exc)
 
-    def _warmup_requests(self) -> list[warmup.WarmupRequest]:
+    async def _warmup_requests(self) -> list[warmup.WarmupRequest]:
         if self.config.warmup_file is not None:
             return warmup.load_file(self.config.warmup_file)
-        profile = self.config.engine.warmup_profile()
-        return warmup.parse_lines(profile, f"{self.config.engine.name} warmup profile") if profile else []
+        profile = await self.config.engine.sized_warmup_profile(self.config.app_port)
+        return warmup.parse_lines(profile, f"{self.config.engine.name} warmup profile", builtin=True) if profile else []
 
     def _watch_checks(self) -> None:
         container = self.config.spec.container if self.config.spec else None
@@ -223,7 +226,7 @@ class Boot:
                     log.warning("%s check %s%s", attribute.split("_")[0], "passes" if ok else "fails: ", reason or "")
                     setattr(self.state, attribute, ok)
 
-            check = probes.check_for(probe, self.config.app_port)
+            check = probes.check_for(probe, self.config.app_port, child_pid=self.child.pid)
             loop = probes.ProbeLoop(check, probe.period_seconds, probe.success_threshold, probe.failure_threshold)
             self._background.append(asyncio.ensure_future(loop.watch(on_verdict)))
 
@@ -283,6 +286,10 @@ class Boot:
         phase = self.state.state.value
         tail = self.child.tail.text()
         message = f"the child {describe_exit(returncode)} during {phase}"
+        spec = self.config.spec
+        if spec is not None and self.config.app_port != spec.container.port and phase == State.LAUNCHING.value:
+            message += (f" (this instance's port is {self.config.app_port}, given to the command as PORT; a command that "
+                        f"binds the spec's port {spec.container.port} instead cannot run a second instance on this host)")
         return self._fail(self._exit_code(returncode), message + (f"; its last output:\n{tail}" if tail else ""))
 
     def _fail(self, code: int, message: str) -> int:
@@ -355,14 +362,14 @@ class Boot:
                                    config.host, config.admin_port)
         self._closers += [runner.cleanup, app_metrics.close]
         if config.proxy is not None:
-            session = upstream_session(config.proxy)
-            chain = build_chain(self.state, config.proxy, self.metrics, session)
-            server, listener = await start_server(chain, config.host, config.proxy_port, header_timeout=config.proxy.header_timeout)
+            pool = upstream_pool(config.proxy)
+            chain = build_chain(self.state, config.proxy, self.metrics, pool)
+            server, listener = await start_server(chain, config.host, config.proxy_port, config.proxy.server_limits, self.metrics)
 
             async def close_proxy() -> None:
                 listener.close()
                 await server.shutdown(1.0)
-                await session.close()
+                await pool.close()
 
             self._closers.insert(0, close_proxy)
         log.info(
@@ -377,3 +384,5 @@ class Boot:
         for close in self._closers:
             with contextlib.suppress(Exception):
                 await close()
+        if self.child is not None:
+            self.child.release_watchdog()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,22 @@ def _flag(value: str) -> bool:
     raise ValueError(f"{value!r} is not 1 or 0")
 
 
+def _seconds(value: str) -> float:
+    """A duration of 0 or more seconds (nan, inf and negatives refused)."""
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("give 0 or more seconds")
+    return seconds
+
+
+def _positive_seconds(value: str) -> float:
+    """A timeout: more than 0 seconds."""
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("give more than 0 seconds")
+    return seconds
+
+
 def _size(value: str) -> int:
     from bootstrap.units import parse_quantity
 
@@ -73,27 +90,34 @@ SETTINGS = (
             lambda s: s.warm_up_data_path, "FILE"),
     Setting("--warmup-policy", "BERTH_WARMUP_POLICY", str, "fail", "fail: a failed warmup fails the boot (exit 1); ignore: log it and go READY",
             metavar="fail|ignore"),
-    Setting("--drain-delay", "BERTH_DRAIN_DELAY", float, 5.0, "seconds after SIGTERM during which new requests are still served, "
+    Setting("--drain-delay", "BERTH_DRAIN_DELAY", _seconds, 5.0, "seconds after SIGTERM during which new requests are still served, "
             "so load balancers notice /ready turning 503", metavar="S"),
-    Setting("--grace", "BERTH_GRACE", float, 30.0, "seconds from SIGTERM to the child's SIGKILL (spec: eas.termination_grace_period)",
+    Setting("--grace", "BERTH_GRACE", _seconds, 30.0, "seconds from SIGTERM to the child's SIGKILL (spec: eas.termination_grace_period)",
             lambda s: s.metadata.grace_s, "S"),
-    Setting("--stop-timeout", "BERTH_STOP_TIMEOUT", float, 10.0, "seconds the child gets between SIGTERM and SIGKILL; at most half of --grace, so a drain keeps the rest",
+    Setting("--stop-timeout", "BERTH_STOP_TIMEOUT", _seconds, 10.0, "seconds the child gets between SIGTERM and SIGKILL; at most half of --grace, so a drain keeps the rest",
             metavar="S"),
-    Setting("--startup-timeout", "BERTH_STARTUP_TIMEOUT", float, DEFAULT_STARTUP_TIMEOUT_S,
+    Setting("--startup-timeout", "BERTH_STARTUP_TIMEOUT", _positive_seconds, DEFAULT_STARTUP_TIMEOUT_S,
             "seconds the child gets to pass its startup check (spec: startup_check period x failure_threshold)", _startup_timeout, "S"),
-    Setting("--probe-interval", "BERTH_PROBE_INTERVAL", float, 0.05, "seconds between startup checks (one in flight at a time)", metavar="S"),
+    Setting("--probe-interval", "BERTH_PROBE_INTERVAL", _positive_seconds, 0.05, "seconds between startup checks (one in flight at a time)", metavar="S"),
     Setting("--no-proxy", "BERTH_NO_PROXY", _flag, False, "no traffic proxy: clients reach the child's port directly "
             "(/ready, warmup and drain still work) (spec: containers[0].proxy false)", lambda s: not s.container.proxy),
     Setting("--max-body", "BERTH_MAX_BODY", _size, 1 * MiB, "largest request body, bytes or a quantity like 10Mi (413 beyond)", metavar="SIZE"),
-    Setting("--request-timeout", "BERTH_REQUEST_TIMEOUT", float, 600.0, "seconds a request may take (504) (spec: rpc.keepalive)",
+    Setting("--request-timeout", "BERTH_REQUEST_TIMEOUT", _positive_seconds, 600.0, "seconds a request may take (504) (spec: rpc.keepalive)",
             lambda s: s.metadata.request_timeout_s, "S"),
-    Setting("--header-timeout", "BERTH_HEADER_TIMEOUT", float, 30.0, "seconds a new connection gets to send its request head", metavar="S"),
+    Setting("--header-timeout", "BERTH_HEADER_TIMEOUT", _positive_seconds, 30.0, "seconds a client gets to send a whole request head, "
+            "counted from its first byte (from the connection's start for the first): slow clients are cut", metavar="S"),
+    Setting("--body-timeout", "BERTH_BODY_TIMEOUT", _positive_seconds, 60.0, "seconds a client may pause while sending a request body "
+            "(as nginx's client_body_timeout)", metavar="S"),
+    Setting("--keepalive-timeout", "BERTH_KEEPALIVE_TIMEOUT", _positive_seconds, 75.0, "seconds an idle client connection is kept "
+            "open (nginx's default; longer than clients' pools keep theirs, so none reuses one being closed)", metavar="S"),
+    Setting("--max-header-size", "BERTH_MAX_HEADER_SIZE", _size, 64 * 1024, "largest request header section (431 beyond); URLs over "
+            "8 KiB get 414", metavar="SIZE"),
     Setting("--concurrency", "BERTH_CONCURRENCY", int, 0, "requests passed to the child at once; 0 for no limit", metavar="N"),
     Setting("--queue", "BERTH_QUEUE", int, None, "requests waiting beyond --concurrency before 503 (default 10 x concurrency) "
             "(spec: rpc.max_queue_size)", lambda s: s.metadata.rpc.max_queue_size, "N"),
-    Setting("--wait-ready", "BERTH_WAIT_READY", float, 0.0, "before READY, hold requests up to S seconds instead of answering 503",
+    Setting("--wait-ready", "BERTH_WAIT_READY", _seconds, 0.0, "before READY, hold requests up to S seconds instead of answering 503",
             metavar="S"),
-    Setting("--upstream-idle", "BERTH_UPSTREAM_IDLE", float, 4.0, "seconds a pooled connection to the child may idle; keep it below "
+    Setting("--upstream-idle", "BERTH_UPSTREAM_IDLE", _positive_seconds, 4.0, "seconds a pooled connection to the child may idle; keep it below "
             "the child's keep-alive (uvicorn: 5 s)", metavar="S"),
     Setting("--cache-dir", "BERTH_CACHE_DIR", Path, Path("/var/cache/berth"), "the node-shared cache (weights, pip wheels)", metavar="DIR"),
     Setting("--status-file", "BERTH_STATUS_FILE", Path, None, "write the state as JSON here on every change and at exit", metavar="FILE"),
@@ -247,11 +271,14 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
     child_env = {k: v for k, v in env.items() if k not in SECRET_ENV}
     if spec is not None:  # what the environment sets (the operator's, through the agent) wins over the spec
         child_env = {**spec.container.env_dict(), **child_env}
+    # The port to listen on (Cloud Run's and Knative's convention): each instance may have its own.
+    child_env["PORT"] = str(values["port"])
     proxy = None
     if not values["no_proxy"]:
         proxy = ProxyConfig(
             upstream_port=values["port"], max_body=values["max_body"], request_timeout=values["request_timeout"],
-            header_timeout=values["header_timeout"], concurrency=values["concurrency"], queue=values["queue"],
+            header_timeout=values["header_timeout"], body_timeout=values["body_timeout"], keepalive_timeout=values["keepalive_timeout"],
+            max_header_size=values["max_header_size"], concurrency=values["concurrency"], queue=values["queue"],
             token=service_token(env), wait_ready=values["wait_ready"], upstream_idle=values["upstream_idle"],
         )
     from serving.vllm import engine_for

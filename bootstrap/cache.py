@@ -201,6 +201,13 @@ class NodeCache:
         async with _locked(self.blobs / f"{key}.lock", fcntl.LOCK_EX, waiting=f"another instance is downloading {key[:12]}"):
             yield
 
+    def bytes_needed(self, key: str, size: int) -> int:
+        """Disk space a download of this blob still needs (a partial one holds its space already)."""
+        try:
+            return max(0, size - self.blobs.joinpath(f"{key}.partial").stat().st_blocks * 512)
+        except FileNotFoundError:
+            return size
+
     def open_partial(self, key: str, size: int, part_size: int) -> PartialFile:
         return PartialFile(self.blobs / f"{key}.partial", self.blobs / f"{key}.parts", size, part_size)
 

@@ -4,6 +4,13 @@ The child runs in its own process group, so a stop reaches every process it spaw
 stdout and stderr pass through unchanged while the last lines are kept for the error shown
 when it dies. Its exit is noticed through a pidfd (no SIGCHLD handler, which would fight the
 event loop's own child handling); orphans re-parented to us are reaped by a periodic sweep.
+
+The child's group dies with us even when we are SIGKILLed (the OOM killer, an operator, the
+agent's SIGKILL after the grace, which reaches our group and not the child's): a watchdog
+process in a session of its own holds the read end of a pipe only we can write, and kills
+the child's group when the pipe reaches EOF without our "done". PR_SET_PDEATHSIG would
+reach only the direct child, not the workers it forks. Inside a container, where we are
+PID 1, our death ends everything anyway; the watchdog matters for the process runtime.
 """
 
 from __future__ import annotations
@@ -29,6 +36,20 @@ TAIL_LINES = 20
 # A zombie that stays this long belongs to nobody else: the event loop reaps the processes it
 # spawned (pip, exec probes) at once.
 ORPHAN_GRACE_S = 1.0
+# The watchdog: reads the child's process group id, then waits. EOF alone (we died) kills the
+# group; "done" after the id (the group ended under our eyes) lets it exit quietly.
+WATCHDOG = """
+import os, signal
+data = b""
+while chunk := os.read(0, 64):
+    data += chunk
+words = data.split()
+if len(words) == 1:
+    try:
+        os.killpg(int(words[0]), signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
 
 def become_subreaper() -> bool:
@@ -81,6 +102,7 @@ class Child:
         self.tail = OutputTail()
         self.exited: asyncio.Future[int] = loop.create_future()
         self.signalled_by_us: set[int] = set()
+        self._watchdog_fd: int | None = None
         self._pumps = [
             threading.Thread(target=self._pump, args=(process.stdout, sys.stdout.fileno()), daemon=True),
             threading.Thread(target=self._pump, args=(process.stderr, sys.stderr.fileno()), daemon=True),
@@ -91,12 +113,36 @@ class Child:
 
     @classmethod
     def start(cls, argv: Sequence[str], env: Mapping[str, str]) -> "Child":
-        process = subprocess.Popen(
-            list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: a stop reaches its workers too
-        )
+        # The watchdog first, so that no moment exists in which the child runs unwatched.
+        watchdog_fd = _start_watchdog()
+        try:
+            process = subprocess.Popen(
+                list(argv), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: a stop reaches its workers too
+            )
+        except BaseException:
+            os.close(watchdog_fd)  # no pgid was sent: the watchdog exits without killing anything
+            raise
+        try:
+            os.write(watchdog_fd, f"{process.pid}\n".encode())
+        except OSError as exc:  # it died at once: run on, but say what is no longer guaranteed
+            log.warning("the watchdog is not running (%s): the child would outlive a SIGKILL of berth boot", exc)
         log.info("launched pid %d: %s", process.pid, " ".join(argv))
-        return cls(process, asyncio.get_running_loop())
+        child = cls(process, asyncio.get_running_loop())
+        child._watchdog_fd = watchdog_fd
+        return child
+
+    def release_watchdog(self) -> None:
+        """Let the watchdog go: quietly when the child's group has ended, else it kills the group now."""
+        fd, self._watchdog_fd = self._watchdog_fd, None
+        if fd is None:
+            return
+        try:
+            if not _group_running(self.pid):
+                os.write(fd, b"done\n")
+        except OSError:
+            pass
+        os.close(fd)
 
     @property
     def returncode(self) -> int | None:
@@ -183,6 +229,20 @@ class Child:
         deadline = time.monotonic() + timeout
         for pump in self._pumps:
             pump.join(max(0.0, deadline - time.monotonic()))
+
+
+def _start_watchdog() -> int:
+    """Start the watchdog (its own session: a signal to our group spares it); our end of its pipe."""
+    read_end, write_end = os.pipe()  # not inheritable: the child never holds the write end
+    try:
+        subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG], stdin=read_end, stdout=subprocess.DEVNULL,
+                         start_new_session=True)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return write_end
 
 
 def _group_running(pgid: int) -> bool:

@@ -16,7 +16,7 @@ from bootstrap.errors import EXIT_FAILED, EXIT_USAGE, CommandFailed, UsageError
 from bootstrap.spec import SpecError
 
 # Modules that contribute subcommands, in the order `berth --help` lists them.
-COMMAND_MODULES = ("bootstrap.spec_cli", "bootstrap.boot_cli", "agent.cli")
+COMMAND_MODULES = ("bootstrap.spec_cli", "bootstrap.boot_cli", "agent.cli", "serving.gateway_cli")
 
 DESCRIPTION = """\
 berth: serve models on a GPU node.
@@ -30,6 +30,8 @@ berth: serve models on a GPU node.
   berth rm NAME           stop (SIGTERM, grace, SIGKILL) and remove a service
   berth node              the node: runtime, CPU, memory, disks, images
   berth render k8s FILE   Kubernetes manifests from the same JSON (docs/kubernetes.md)
+  berth gateway           one address per service and group: /api/predict/NAME
+  berth group apply FILE  a service group: weights, mirror, header routes
 
 Exit codes: 0 done, 1 the operation failed, 2 bad usage or invalid input.
 """

@@ -9,8 +9,10 @@ Every step is timed through `Prepare.report(step, seconds)`, which the bootstrap
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -121,7 +123,17 @@ async def _cache_mount(ctx: PrepareContext, entry: Storage, location: objectstor
         raise PrepareError(f"{where}: {exc}") from None
     except DownloadError as exc:
         raise PrepareError(f"{where}: download failed: {exc}") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # Someone else filled the disk meanwhile; what was fetched stays for the next try.
+        raise PrepareError(f"{where}: the node cache's disk filled up during the download of {location.url}: "
+                           f"{_free_bytes(ctx.cache_dir)} bytes free on {ctx.cache_dir}") from None
     _point(Path(entry.mount_path), tree)
+
+
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
 
 
 async def _fill(ctx: PrepareContext, cache: node_cache.NodeCache, s3, location: objectstore.Location,
@@ -131,6 +143,13 @@ async def _fill(ctx: PrepareContext, cache: node_cache.NodeCache, s3, location: 
     budget = ctx.env.get("BERTH_CACHE_MAX_SIZE")
     if budget:
         cache.evict(parse_quantity(budget), incoming)
+    # Refused before a byte is written: a half-filled disk would hurt every service on the node.
+    needed = sum(cache.bytes_needed(cache.blob_key(location, e.obj), e.obj.size) for e in missing)
+    free = _free_bytes(ctx.cache_dir)
+    if needed > free:
+        raise PrepareError(f"the node cache {ctx.cache_dir} needs {needed} bytes ({format_bytes(needed)}) for "
+                           f"{location.url}, and its disk has {free} bytes ({format_bytes(free)}) free: free space "
+                           f"there, or cap the cache with BERTH_CACHE_MAX_SIZE so that old models are evicted")
     log.info("%s: %d of %d files to download (%s), %d parts in flight at most, %s parts",
              location.url, len(missing), len(entries), format_bytes(incoming), settings.concurrency,
              format_bytes(settings.part_size))

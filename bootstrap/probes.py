@@ -4,14 +4,21 @@ The agent never reaches into the container; it asks the bootstrap's /ready and /
 the bootstrap runs the spec's checks here, where the app's port and its commands are at hand.
 Without a check in the spec, the child is up when it accepts a TCP connection on its port and
 answers an HTTP request to `/` with any status (a 404 still means the server is up).
+
+An answer counts only when the listener on that port belongs to the child's process tree: a
+stale process, or any other local service on the port, must never make the instance Ready.
+Before launch the app port must be free (`port_in_use` names who holds it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from typing import Awaitable, Callable
+
+import psutil
 
 from bootstrap.spec import Probe
 from serving import timeouts
@@ -77,20 +84,116 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-def check_for(probe: Probe | None, app_port: int, host: str = "127.0.0.1") -> Check:
-    """The check a spec probe describes; without one, the default 'the server answers'."""
+def check_for(probe: Probe | None, app_port: int, host: str = "127.0.0.1", child_pid: int | None = None) -> Check:
+    """The check a spec probe describes; without one, the default 'the server answers'.
+
+    With `child_pid`, a network check passes only when the listener that answered belongs to
+    that process or its descendants."""
     if probe is None:
-        return lambda: http_get(host, app_port, "/", 1.0, any_status=True)
+        return _owned(app_port, child_pid, lambda: http_get(host, app_port, "/", 1.0, any_status=True))
     timeout = probe.timeout_seconds
     if probe.http_get is not None:
         action = probe.http_get
-        return lambda: http_get(host, action.port or app_port, action.path, timeout)
+        port = action.port or app_port
+        return _owned(port, child_pid, lambda: http_get(host, port, action.path, timeout))
     if probe.tcp_socket is not None:
         port = probe.tcp_socket.port or app_port
-        return lambda: tcp_socket(host, port, timeout)
+        return _owned(port, child_pid, lambda: tcp_socket(host, port, timeout))
     assert probe.exec is not None
     argv = probe.exec.argv
     return lambda: exec_command(argv, timeout)
+
+
+def _owned(port: int, child_pid: int | None, check: Check) -> Check:
+    if child_pid is None:
+        return check
+
+    async def owned_check() -> str | None:
+        reason = await check()
+        return reason if reason is not None else foreign_listener(port, child_pid)
+
+    return owned_check
+
+
+# --- who listens on a port (Linux /proc; elsewhere nothing is known and nothing is refused) ----
+
+
+def _listening_inodes(port: int) -> set[int]:
+    """The socket inodes listening on TCP `port` in our network namespace."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                next(rows, None)
+                for row in rows:
+                    fields = row.split()
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                        inodes.add(int(fields[9]))
+        except OSError:
+            continue
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _describe(pid: int) -> str:
+    try:
+        command = " ".join(psutil.Process(pid).cmdline())[:120]
+    except psutil.Error:
+        command = ""
+    return f"pid {pid}" + (f" ({command})" if command else "")
+
+
+def _holders(inodes: set[int]) -> list[int]:
+    """The processes that hold any of `inodes` (those we may look at)."""
+    holders = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _socket_inodes(int(name)) & inodes:
+            holders.append(int(name))
+    return holders
+
+
+def port_in_use(port: int) -> str | None:
+    """Why the app port cannot be the child's (something already listens there), or None when free."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return None
+    holders = _holders(inodes)
+    who = ", ".join(_describe(pid) for pid in holders) or "a process berth may not inspect"
+    return (f"the app port {port} is already in use by {who}: stop that process, or give the service another port "
+            f"(containers[].port)")
+
+
+def foreign_listener(port: int, child_pid: int) -> str | None:
+    """Why the listener on `port` is not the child's, or None when the child's tree holds it."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return None  # nothing to tell (no /proc): the answer itself is all we know
+    try:
+        root = psutil.Process(child_pid)
+        tree = [root.pid, *(proc.pid for proc in root.children(recursive=True))]
+    except psutil.Error:
+        tree = []
+    for pid in tree:
+        inodes -= _socket_inodes(pid)
+    if not inodes:
+        return None
+    who = ", ".join(_describe(pid) for pid in _holders(inodes)) or "a process berth may not inspect"
+    return f"port {port} answers, but the listener is not berth's child (pid {child_pid}): it is held by {who}"
 
 
 @dataclass

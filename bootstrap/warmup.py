@@ -6,6 +6,10 @@ A warmup file is JSON lines, one request each:
 Only `path` is required. `repeat` (default 1) sends the request that many times, `concurrency`
 (default 1) that many at once; a status other than `expect_status` (default: any 2xx) fails
 the warmup. EAS's SDK-serialized (protobuf) warmup files are not read.
+
+A user's warmup file is strict. An engine's built-in profile is berth's own guess at useful
+requests: one the engine refuses (a 4xx, say a prompt its context cannot hold) is a warning
+and is skipped, never a reason to fail a healthy engine's boot.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class WarmupRequest:
     repeat: int = 1
     concurrency: int = 1
     expect_status: int | None = None  # None: any 2xx
+    builtin: bool = False  # the engine's own profile: a 4xx skips the request with a warning
 
     def accepts(self, status: int) -> bool:
         return status == self.expect_status if self.expect_status is not None else 200 <= status < 300
@@ -47,7 +52,7 @@ class WarmupRequest:
         return f"{self.method} {self.path}"
 
 
-def parse_lines(lines: Iterable[str], source: str, base_dir: Path | None = None) -> list[WarmupRequest]:
+def parse_lines(lines: Iterable[str], source: str, base_dir: Path | None = None, *, builtin: bool = False) -> list[WarmupRequest]:
     """Parse warmup JSON lines; errors name the file and line, and what to do."""
     requests = []
     for number, line in enumerate(lines, 1):
@@ -61,13 +66,13 @@ def parse_lines(lines: Iterable[str], source: str, base_dir: Path | None = None)
             raise WarmupError(f"{where}: not a JSON object ({exc.msg}); a warmup file is JSON lines with keys {', '.join(KEYS)}") from None
         if not isinstance(entry, dict):
             raise WarmupError(f"{where}: each line must be a JSON object with keys {', '.join(KEYS)}")
-        requests.append(_request(entry, where, base_dir))
+        requests.append(_request(entry, where, base_dir, builtin))
     if not requests:
         raise WarmupError(f"{source}: no requests in the warmup file")
     return requests
 
 
-def _request(entry: dict, where: str, base_dir: Path | None) -> WarmupRequest:
+def _request(entry: dict, where: str, base_dir: Path | None, builtin: bool = False) -> WarmupRequest:
     unknown = sorted(set(entry) - set(KEYS))
     if unknown:
         raise WarmupError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(KEYS)}")
@@ -99,6 +104,7 @@ def _request(entry: dict, where: str, base_dir: Path | None) -> WarmupRequest:
     return WarmupRequest(
         path=path, method=str(entry.get("method", "GET")).upper(), headers={str(k): str(v) for k, v in headers.items()},
         body=data, repeat=entry.get("repeat", 1), concurrency=entry.get("concurrency", 1), expect_status=expect,
+        builtin=builtin,
     )
 
 
@@ -126,11 +132,24 @@ async def replay(requests: list[WarmupRequest], base_url: str) -> list[dict]:
     async with aiohttp.ClientSession(base_url, connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         for request in requests:
             started = time.monotonic()
-            await _replay_one(session, request)
+            try:
+                await _replay_one(session, request)
+            except _Refused as refused:
+                log.warning("built-in warmup %s skipped: the engine answered %d: %s", request.label, refused.status,
+                            refused.text[:300])
+                results.append({"request": request.label, "skipped": f"status {refused.status}"})
+                continue
             seconds = time.monotonic() - started
             results.append({"request": request.label, "repeat": request.repeat, "concurrency": request.concurrency, "seconds": round(seconds, 4)})
             log.info("warmup %s x%d (concurrency %d): %.2f s", request.label, request.repeat, request.concurrency, seconds)
     return results
+
+
+class _Refused(Exception):
+    """The engine refused one of its own built-in warmup requests (4xx)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        self.status, self.text = status, text
 
 
 async def _replay_one(session: aiohttp.ClientSession, request: WarmupRequest) -> None:
@@ -140,9 +159,11 @@ async def _replay_one(session: aiohttp.ClientSession, request: WarmupRequest) ->
         for _ in remaining:  # workers share one iterator: exactly `repeat` requests in all
             try:
                 async with session.request(request.method, request.path, headers=request.headers, data=request.body or None) as response:
-                    await response.read()
+                    body = await response.read()
             except aiohttp.ClientError as exc:
                 raise WarmupError(f"warmup {request.label}: {exc}") from None
+            if request.builtin and 400 <= response.status < 500:
+                raise _Refused(response.status, body.decode(errors="replace"))
             if not request.accepts(response.status):
                 expected = request.expect_status or "2xx"
                 raise WarmupError(f"warmup {request.label}: status {response.status}, expected {expected}")

@@ -7,9 +7,10 @@
    here, so the config's image cannot be had; see README), the endpoint and keys given to every
    instance through the operator's configuration, never by editing the user's JSON;
 4. `berth deploy examples/hello.json --wait`, then the cold start phase by phase (`berth get`);
-5. GET /hello through the instance's proxy port: the service's answer.
+5. GET /api/predict/hello/hello through the node gateway the agent started (the service's one
+   address, whatever its instances' ports): the service's answer.
 
-Everything it started (the service, the agent, the S3 server, the mount link) is stopped and
+Everything it started (the service, the agent, its gateway, the S3 server, the mount link) is stopped and
 removed on exit, Ctrl-C included. Exit 0 when the service answered "Hello World", else 1.
 """
 
@@ -121,7 +122,7 @@ def start_agent(endpoint: str, workdir: Path, stack: ExitStack) -> dict[str, str
     # keys stay out of `ps`). No drain delay: nothing load-balances to this instance.
     config.write_text(json.dumps({
         "listen": f"127.0.0.1:{port}", "state_dir": str(workdir / "state"), "cache_dir": str(workdir / "cache"),
-        "runtime": "process",
+        "runtime": "process", "gateway": "127.0.0.1:0", "gateway_admin": "127.0.0.1:0",  # free ports: any machine
         # No mount namespace under the process runtime: the config's /mnt/data is a host path,
         # which the operator allows here (otherwise only <state_dir>/mounts/SERVICE is).
         "process_mount_roots": ["/mnt/data"],
@@ -130,6 +131,7 @@ def start_agent(endpoint: str, workdir: Path, stack: ExitStack) -> dict[str, str
     }))
     config.chmod(0o600)
     started = time.monotonic()
+    stack.callback(stop_gateway, workdir / "state")  # it outlives the agent (as under systemd): stopped after it
     agent = start([*BERTH, "agent", "--config", str(config)], workdir / "agent.log")
     stack.callback(stop, agent, "berth agent", 30)
     url = f"http://127.0.0.1:{port}"
@@ -139,6 +141,11 @@ def start_agent(endpoint: str, workdir: Path, stack: ExitStack) -> dict[str, str
     say(f"berth agent on {url}, runtime process (the config's image cannot be pulled here: no image hub), "
         f"up in {time.monotonic() - started:.1f} s; log {workdir / 'agent.log'}")
     return {**os.environ, "BERTH_AGENT_URL": url, "BERTH_STATE_DIR": str(workdir / "state")}
+
+
+def stop_gateway(state_dir: Path) -> None:
+    subprocess.run([*BERTH, "gateway", "stop", "--state-dir", str(state_dir)], capture_output=True, timeout=60)
+    say("stopped berth gateway")
 
 
 def clear_mount_link(mount_path: Path, workdir: Path) -> None:
@@ -168,7 +175,8 @@ def run(config_path: Path, code: Path, s3_python: str, workdir: Path) -> int:
             subprocess.run([*BERTH, "logs", spec.name, "--tail", "30"], env=env)
             say(f"the deploy failed (exit {deployed.returncode}); see above")
             return 1
-        instance = json.loads(deployed.stdout)["instances"][0]
+        service = json.loads(deployed.stdout)
+        instance = service["instances"][0]
         say("berth get " + spec.name)
         subprocess.run([*BERTH, "get", spec.name], env=env, check=True)
 
@@ -178,7 +186,8 @@ def run(config_path: Path, code: Path, s3_python: str, workdir: Path) -> int:
             value = phases[key]
             print(f"    {key.removesuffix('_s'):<14} {'?' if value is None else f'{value:7.2f}'}", flush=True)
 
-        url = f"{instance['endpoint']}/hello"
+        say(f"the service's address on the node gateway: {service['gateway_url']}")
+        url = f"{service['gateway_url']}/hello"
         with urllib.request.urlopen(url, timeout=10) as response:
             answer = response.read().decode()
         say(f"GET {url} -> {response.status}")

@@ -41,6 +41,10 @@ class Engine:
         """Built-in warmup requests, as JSON lines; used when no warmup file is given."""
         return []
 
+    async def sized_warmup_profile(self, port: int) -> list[str]:
+        """The built-in profile, sized against the running engine where it can tell (tokens)."""
+        return self.warmup_profile()
+
     async def load(self, port: int) -> EngineLoad | None:
         """The engine's own in-flight and waiting counts; None when it cannot tell."""
         return None

@@ -4,16 +4,23 @@
 last second: the concurrency that LLM autoscaling should use (a sampled gauge misses short
 bursts and long requests alike). Child CPU and RSS are read with psutil at scrape time,
 summed over the child's whole process tree (engines run workers).
+
+The per-request series (requests by code, latency, time to first byte) are plain counts kept
+by the event loop's one thread and turned into Prometheus families at scrape time: no lock,
+label lookup or bucket scan per request (prometheus_client's Histogram.observe costs about
+1.5 us, three of them per request; these cost about 0.2 us).
 """
 
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from typing import Callable
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Enum, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from serving.state import BootState, State
 
@@ -35,14 +42,10 @@ class Metrics:
         )
         self.queue_depth = Gauge("berth_queue_depth", "Requests waiting for a concurrency slot", registry=r)
         self.queue_depth.set_function(lambda: state.queued)
-        self.requests = Counter("berth_requests", "Requests answered, by HTTP status code", ["code"], registry=r)
-        self._by_status: dict[int, Counter] = {}
-        self.latency = Histogram(
-            "berth_request_duration_seconds", "Time from request to the end of the response", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.ttfb = Histogram(
-            "berth_time_to_first_byte_seconds", "Time from request to the response's first byte", buckets=LATENCY_BUCKETS, registry=r
-        )
+        self.by_status: dict[int, int] = {}
+        self.latency = LoopHistogram("berth_request_duration_seconds", "Time from request to the end of the response")
+        self.ttfb = LoopHistogram("berth_time_to_first_byte_seconds", "Time from request to the response's first byte")
+        r.register(_RequestCollector(self))
         self.state_enum = Enum("berth_state", "The bootstrap's state", states=[s.value for s in State], registry=r)
         self.state_enum.state(state.state.value)
         state.on_change(lambda new: self.state_enum.state(new.value))
@@ -51,10 +54,17 @@ class Metrics:
         r.register(_ChildCollector(self._child_pid))
 
     def count(self, status: int) -> None:
-        child = self._by_status.get(status)
-        if child is None:  # labels() takes a lock and builds a key: once per status code
-            child = self._by_status[status] = self.requests.labels(str(status))
-        child.inc()
+        """A request answered with `status` (berth's own answers are counted here too)."""
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+
+    def observe(self, status: int, seconds: float, first_byte_seconds: float) -> None:
+        """One request through the proxy: its code, duration and time to first byte."""
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        latency, ttfb = self.latency, self.ttfb  # LoopHistogram.observe, inlined: this runs per request
+        latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        latency.sum += seconds
+        ttfb.counts[bisect_left(LATENCY_BUCKETS, first_byte_seconds)] += 1
+        ttfb.sum += first_byte_seconds
 
     def record_phase(self, name: str, seconds: float) -> None:
         self.phase.labels(name).set(seconds)
@@ -67,6 +77,39 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoopHistogram:
+    """A histogram observed from the event loop only: bucket counts in a list, no lock."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.name, self.documentation, self.bounds = name, documentation, buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last: over every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # Prometheus buckets are "less or equal"
+        self.sum += value
+
+    def family(self) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        return HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+
+
+class _RequestCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        requests = CounterMetricFamily("berth_requests", "Requests answered, by HTTP status code", labels=["code"])
+        for status, count in sorted(self.metrics.by_status.items()):
+            requests.add_metric([str(status)], count)
+        yield requests
+        yield self.metrics.latency.family()
+        yield self.metrics.ttfb.family()
 
 
 class _ChildCollector:

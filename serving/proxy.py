@@ -1,52 +1,38 @@
 """The data path: port 8080 -> the child on 127.0.0.1:<port>.
 
-A short chain of small handlers, each testable alone (the shape of Knative's queue-proxy):
+A short chain of small handlers on berth's own server side (serving/server.py), each
+testable alone (the shape of Knative's queue-proxy):
 
     Drain -> Timeout -> Limits -> Auth -> Measure -> Forward
 
 Drain counts requests in flight and refuses them outside READY/quiet period; Timeout turns a
 slow answer into 504; Limits enforce the body size (413) and the concurrency limit with its
 bounded queue (503); Auth checks the service token (401); Measure records metrics; Forward
-relays to the child, streaming the response as it is produced.
+relays to the child, streaming the response as it is produced, and tunnels WebSockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
-import logging
 import time
-import weakref
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
 
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
-
+from serving.http import HOP_BY_HOP, Headers, Request, Response
 from serving.metrics import Metrics
-from serving import timeouts
+from serving.server import Handler, Server, ServerLimits
 from serving.state import BootState, State
-from serving.upstream import Headers, NotReachable, Response, UpstreamError, UpstreamPool
+from serving.upstream import Response as UpstreamResponse
+from serving.upstream import UpstreamError, UpstreamPool
 
-log = logging.getLogger("berth.proxy")
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-# Per-request notes shared along the chain (aiohttp requests are mutable mappings).
-BODY = web.RequestKey("berth.body", bytes)
-RESPONSE_STARTED = web.RequestKey("berth.response_started", float)  # perf_counter at the first byte sent
-
-HOP_BY_HOP = frozenset(
-    h.lower().encode() for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
-        "TE", "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Content-Length",
-    )
-)
+# Expect is answered here (100-continue); the body goes on with its length.
+REQUEST_HOP_BY_HOP = HOP_BY_HOP | {b"expect"}
 # Responses up to this size are read whole and sent in one write; larger or unsized ones stream.
 SMALL_BODY = 64 * 1024
 MiB = 1024 * 1024
+KiB = 1024
+TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 
 
 @dataclass
@@ -56,6 +42,9 @@ class ProxyConfig:
     max_body: int = 1 * MiB  # as EAS's gateway
     request_timeout: float = 600.0
     header_timeout: float = 30.0
+    body_timeout: float = 60.0
+    keepalive_timeout: float = 75.0
+    max_header_size: int = 64 * KiB
     concurrency: int = 0  # 0: no limit
     queue: int | None = None  # None: 10 x concurrency, as Knative's breaker
     token: str | None = None
@@ -67,18 +56,20 @@ class ProxyConfig:
     def queue_limit(self) -> int:
         return self.queue if self.queue is not None else 10 * self.concurrency
 
+    @property
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(max_header_size=self.max_header_size, header_timeout=self.header_timeout,
+                            body_timeout=self.body_timeout, keepalive_timeout=self.keepalive_timeout)
 
-def reject(metrics: Metrics, status: int, reason: str, *, close: bool = False, retry_after: int | None = None) -> web.Response:
+
+def reject(metrics: Metrics, status: int, reason: str, *, close: bool = False, retry_after: int | None = None,
+           headers: Headers | None = None) -> Response:
     """An answer berth gives itself (not the child's): counted, explained in the body."""
-    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    extra = [TEXT, *(headers or ())]
     if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
-    response = web.Response(status=status, text=reason + "\n", headers=headers)
-    if close:
-        headers["Connection"] = "close"
-        response.force_close()
+        extra.append((b"Retry-After", b"%d" % retry_after))
     metrics.count(status)
-    return response
+    return Response(status, reason.encode() + b"\n", extra, close=close)
 
 
 class Drain:
@@ -86,26 +77,28 @@ class Drain:
 
     Before READY: 503 with Retry-After, or wait for READY up to `wait_ready`. DRAINING, during
     the quiet period: served as usual, so load balancers have time to notice. Past it: 503
-    with `Connection: close`.
+    with `Connection: close`. berth's own 503s say why in `X-Berth-Reject` (draining or
+    not-ready), so a gateway can tell them from the app's.
     """
 
     def __init__(self, state: BootState, config: ProxyConfig, metrics: Metrics, next_handler: Handler) -> None:
         self.state, self.config, self.metrics, self.next = state, config, metrics, next_handler
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> Response:
         state = self.state
         if state.refusing:
-            return reject(self.metrics, 503, "the service is shutting down", close=True)
-        if state.state not in (State.READY, State.DRAINING):
+            return reject(self.metrics, 503, "the service is shutting down", close=True, headers=[(b"X-Berth-Reject", b"draining")])
+        if state.state is not State.READY and state.state is not State.DRAINING:
             if self.config.wait_ready <= 0 or not await self._wait_ready():
-                return reject(self.metrics, 503, f"the service is not ready ({state.state.value})", retry_after=self.config.retry_after)
+                return reject(self.metrics, 503, f"the service is not ready ({state.state.value})", retry_after=self.config.retry_after,
+                              headers=[(b"X-Berth-Reject", b"not-ready")])
         state.inflight.add(1)
         try:
             response = await self.next(request)
         finally:
             state.inflight.add(-1)
         if state.state is State.DRAINING:
-            response.force_close()  # move keep-alive clients to another instance
+            request.close = True  # move keep-alive clients to another instance
         return response
 
     async def _wait_ready(self) -> bool:
@@ -119,43 +112,42 @@ class Drain:
 class Timeout:
     """504 when the child has not answered within the request timeout (EAS's rpc.keepalive).
 
-    Once the response has started the status is gone: the connection is cut instead, so the
-    client sees a truncated response rather than a whole one.
+    A deadline on the request, which the server checks (no timer per request). Once the
+    response has started the status is gone: the connection is cut instead, so the client
+    sees a truncated response rather than a whole one.
     """
 
     def __init__(self, seconds: float, metrics: Metrics, next_handler: Handler) -> None:
         self.seconds, self.metrics, self.next = seconds, metrics, next_handler
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> Response:
+        request.expire_in(self.seconds)
         try:
-            async with timeouts.timeout(self.seconds):
-                return await self.next(request)
-        except TimeoutError:
-            if RESPONSE_STARTED in request:
-                if request.transport is not None:
-                    request.transport.abort()
-                raise
+            return await self.next(request)
+        except asyncio.CancelledError:
+            if not request.expired or request.response_started is not None:
+                raise  # the client left, or the answer had started: the server cuts the connection
+            task = asyncio.current_task()
+            if hasattr(task, "uncancel"):  # Python 3.11+: this cancel is handled, not pending
+                task.uncancel()
             return reject(self.metrics, 504, f"the service did not answer within {self.seconds:g} s")
 
 
 class Limits:
-    """Request body size (413) and the optional concurrency limit with a bounded queue (503)."""
+    """Request body size (413: by Content-Length before reading, by counting while a chunked
+    body arrives) and the optional concurrency limit with a bounded queue (503)."""
 
     def __init__(self, config: ProxyConfig, state: BootState, metrics: Metrics, next_handler: Handler) -> None:
         self.config, self.state, self.metrics, self.next = config, state, metrics, next_handler
         self._slots = asyncio.Semaphore(config.concurrency) if config.concurrency > 0 else None
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        limit = self.config.max_body
-        too_large = request.content_length is not None and request.content_length > limit
-        if not too_large and request.body_exists:
-            body = await _read_body(request, limit)  # chunked bodies have no length to check first
-            if body is None:
-                too_large = True
-            else:
-                request[BODY] = body
-        if too_large:
-            return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
+    async def __call__(self, request: Request) -> Response:
+        if request.has_body:
+            limit = self.config.max_body
+            if request.content_length is not None and request.content_length > limit:
+                return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
+            request.body_limit = limit  # a chunked body over it: the server answers 413 (BodyTooLarge)
+            await request.body()  # read before queueing: a slot is for the child's work (100 Continue goes now)
         if self._slots is None:
             return await self.next(request)
         if self._slots.locked() and self.state.queued >= self.config.queue_limit:
@@ -171,33 +163,28 @@ class Limits:
             self._slots.release()
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes | None:
-    """The whole body, or None past `limit` (chunked bodies have no Content-Length to check)."""
-    parts, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 class Auth:
-    """With a service token: `Authorization: <token>` or `Bearer <token>`, else 401."""
+    """The service token: `Authorization: <token>` or `Bearer <token>`, else 401 (in the
+    chain only when a token is set).
 
-    def __init__(self, token: str | None, metrics: Metrics, next_handler: Handler) -> None:
-        self.token = token.encode() if token else None
+    Exactly one Authorization header (two: 400), compared as bytes (any encoding is a wrong
+    token, not an error); the checked header is not passed on to the child.
+    """
+
+    def __init__(self, token: str, metrics: Metrics, next_handler: Handler) -> None:
+        self.token = token.encode()
         self.metrics, self.next = metrics, next_handler
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        if self.token is not None:
-            given = request.headers.get("Authorization", "")
-            if given[:7].lower() == "bearer ":
-                given = given[7:]
-            if not hmac.compare_digest(given.strip().encode(), self.token):
-                response = reject(self.metrics, 401, "missing or wrong token in the Authorization header")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
+    async def __call__(self, request: Request) -> Response:
+        given = [value for name, value in request.headers if name.lower() == b"authorization"]
+        if len(given) > 1:
+            return reject(self.metrics, 400, "more than one Authorization header", close=True)
+        value = given[0].strip() if given else b""
+        if value[:7].lower() == b"bearer ":
+            value = value[7:].strip()
+        if not hmac.compare_digest(value, self.token):
+            return reject(self.metrics, 401, "missing or wrong token in the Authorization header", headers=[(b"WWW-Authenticate", b"Bearer")])
+        request.headers = [pair for pair in request.headers if pair[0].lower() != b"authorization"]
         return await self.next(request)
 
 
@@ -207,8 +194,7 @@ class Measure:
     def __init__(self, metrics: Metrics, next_handler: Handler) -> None:
         self.metrics, self.next = metrics, next_handler
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.perf_counter()  # not loop.time(): uvloop's clock ticks in whole milliseconds
+    async def __call__(self, request: Request) -> Response:
         status = 499  # nginx's code for a client that went away, unless we learn otherwise
         try:
             response = await self.next(request)
@@ -216,195 +202,121 @@ class Measure:
             return response
         finally:
             ended = time.perf_counter()
-            self.metrics.count(status)
-            self.metrics.latency.observe(ended - started)
-            self.metrics.ttfb.observe(request.get(RESPONSE_STARTED, ended) - started)
+            first_byte = request.response_started
+            self.metrics.observe(status, ended - request.started, (first_byte or ended) - request.started)
 
 
 class Forward:
-    """Relay to the child over pooled keep-alive connections; stream what it produces."""
+    """Relay to the child over pooled keep-alive connections; stream what it produces.
 
-    def __init__(self, upstream: Upstream, config: ProxyConfig, metrics: Metrics) -> None:
-        self.pool, self.websockets, self.metrics = upstream.pool, upstream.websockets, metrics
-        self.origin = f"http://{config.upstream_host}:{config.upstream_port}"
+    A WebSocket upgrade is passed on; the child's 101 turns both connections into one byte
+    tunnel. An upgrade the child refuses with its own 4xx or 5xx goes back as it is (as
+    nginx does); any other answer (an upgrade neither made nor refused) is a 502.
+    """
+
+    def __init__(self, pool: UpstreamPool, config: ProxyConfig, metrics: Metrics) -> None:
+        self.pool, self.metrics = pool, metrics
         self.host = f"{config.upstream_host}:{config.upstream_port}".encode()
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._websocket(request)
+    async def __call__(self, request: Request) -> Response:
+        body = await request.body() if request.has_body else None
         try:
-            upstream = await self.pool.request(request.method, request.raw_path, forwarded_headers(request, self.host), request.get(BODY))
-        except NotReachable as exc:
-            return reject(self.metrics, 502, f"the service is not reachable: {exc}")
+            upstream = await self.pool.request(request.method, request.target, forwarded_headers(request, self.host), body)
         except UpstreamError as exc:
-            return reject(self.metrics, 502, str(exc))
+            return reject(self.metrics, 502, f"the service is not reachable: {exc}")
         try:
-            response = await self._relay(request, upstream)
+            response = await (self._tunnel(request, upstream) if request.upgrade else self._relay(request, upstream))
         except BaseException:
             upstream.close()  # a client gone mid-stream: drop the upstream request too
             raise
         upstream.release()
         return response
 
-    async def _relay(self, request: web.BaseRequest, upstream: Response) -> web.StreamResponse:
-        headers = _decoded(_without_hop_by_hop(upstream.headers))
+    async def _relay(self, request: Request, upstream: UpstreamResponse) -> Response:
+        headers = upstream.headers
         length = upstream.content_length
-        if length is not None and length <= SMALL_BODY and request.method != "HEAD":
-            body = await upstream.read()
-            request[RESPONSE_STARTED] = time.perf_counter()
-            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        if length is not None:
-            response.content_length = length
-        await response.prepare(request)
-        request[RESPONSE_STARTED] = time.perf_counter()
-        async for chunk in upstream.chunks():  # as produced: no buffering
-            await response.write(chunk)
+        if request.method == "HEAD":
+            await upstream.read()
+            return Response(upstream.status, b"", headers, reason=upstream.reason, length=length)
+        if length is not None and length <= SMALL_BODY:
+            return Response(upstream.status, await upstream.read(), headers, reason=upstream.reason)
+        response = Response(upstream.status, headers=headers, reason=upstream.reason)
+        await request.send_stream(response, upstream.chunks(), length)  # as produced: no buffering
         return response
 
-    async def _websocket(self, request: web.BaseRequest) -> web.StreamResponse:
-        # aiohttp's client makes its own handshake: the client's key, version and offers stay here.
-        headers = CIMultiDict(_decoded((name, value) for name, value in forwarded_headers(request, self.host) if not name.lower().startswith(b"sec-websocket-")))
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        url = URL(self.origin + request.raw_path, encoded=True)  # the path and query exactly as sent
-        try:
-            upstream = await self.websockets.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
-        except aiohttp.WSServerHandshakeError as exc:
-            return reject(self.metrics, exc.status or 502, f"the service refused the WebSocket: {exc.message}")
-        except aiohttp.ClientError as exc:
-            return reject(self.metrics, 502, f"the service is not reachable: {exc}")
-        client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else (), autoping=False)
-        await client.prepare(request)
-        request[RESPONSE_STARTED] = time.perf_counter()
-        async with upstream:
-            pumps = [asyncio.ensure_future(_pump_ws(client, upstream)), asyncio.ensure_future(_pump_ws(upstream, client))]
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            for pump in pumps:
-                pump.cancel()
-        await client.close()
-        return client
+    async def _tunnel(self, request: Request, upstream: UpstreamResponse) -> Response:
+        if upstream.status != 101:
+            if upstream.status >= 400:
+                return await self._relay(request, upstream)
+            await upstream.read()
+            return reject(self.metrics, 502, f"the service answered the WebSocket upgrade with {upstream.status}, not 101")
+        upgrade = [pair for pair in upstream.hop_headers if pair[0] in (b"upgrade", b"connection")]
+        response = Response(101, headers=upstream.headers + upgrade, reason=upstream.reason)
+        await request.tunnel(response, upstream.upgraded())
+        return response
 
 
-async def _pump_ws(source, sink) -> None:
-    async for message in source:
-        if message.type == aiohttp.WSMsgType.TEXT:
-            await sink.send_str(message.data)
-        elif message.type == aiohttp.WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
-        elif message.type == aiohttp.WSMsgType.PING:
-            await sink.ping(message.data)
-        elif message.type == aiohttp.WSMsgType.PONG:
-            await sink.pong(message.data)
-    await sink.close()
+def forwarded_headers(request: Request, default_host: bytes) -> Headers:
+    """The client's headers minus hop-by-hop ones (and those its Connection header names).
 
-
-def _without_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
-    headers = list(headers)
-    dropped = HOP_BY_HOP
-    for name, value in headers:
-        if name.lower() == b"connection":  # headers the Connection header names are hop-by-hop too
-            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
-    return [(name, value) for name, value in headers if name.lower() not in dropped]
-
-
-def _decoded(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    # As aiohttp's own parser decodes them, so its writer sends the same bytes on.
-    return [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")) for name, value in headers]
-
-
-def forwarded_headers(request: web.BaseRequest, default_host: bytes) -> Headers:
-    """The client's headers minus hop-by-hop ones; X-Forwarded-For gains the client's
-    address, X-Forwarded-Proto is set unless a proxy before us did; Host if the client sent none."""
-    headers, prior, has_host, has_proto = [], [], False, False
-    for name, value in _without_hop_by_hop(request.raw_headers):
-        lowered = name.lower()
-        if lowered == b"x-forwarded-for":
-            prior.append(value)
+    X-Forwarded-For gains the client's address; X-Forwarded-Proto is set from the connection
+    (a client's own claim is dropped); X-Forwarded-Host is the client's Host unless a proxy
+    before us set it; Host is ours if the client sent none. A WebSocket upgrade keeps
+    `Upgrade` and `Connection: upgrade`.
+    """
+    dropped = REQUEST_HOP_BY_HOP | request.hop_by_hop if request.hop_by_hop else REQUEST_HOP_BY_HOP
+    headers: Headers = []
+    prior: list[bytes] = []
+    host = None
+    forwarded_host = False
+    for pair in request.headers:
+        lowered = pair[0].lower()
+        if lowered in dropped:
             continue
-        has_host = has_host or lowered == b"host"
-        has_proto = has_proto or lowered == b"x-forwarded-proto"
-        headers.append((name, value))
-    peer = (request.remote or "").encode()
+        if lowered in FORWARDING:
+            if lowered == b"x-forwarded-for":
+                prior.append(pair[1])
+                continue
+            if lowered == b"x-forwarded-proto":
+                continue
+            if lowered == b"host":
+                host = pair[1]
+            else:
+                forwarded_host = True
+        headers.append(pair)
+    peer = request.peer.encode()
     headers.append((b"X-Forwarded-For", b", ".join([*prior, peer]) if prior else peer))
-    if not has_proto:
-        headers.append((b"X-Forwarded-Proto", request.scheme.encode()))
-    if not has_host:
+    headers.append((b"X-Forwarded-Proto", b"http"))
+    if host is None:
         headers.append((b"Host", default_host))
+    elif not forwarded_host:
+        headers.append((b"X-Forwarded-Host", host))
+    if request.upgrade:
+        headers += [(b"Upgrade", b"websocket"), (b"Connection", b"upgrade")]
     return headers
 
 
-class Upstream:
-    """The connections to the child: berth's own keep-alive pool for HTTP, aiohttp's client for WebSockets."""
-
-    def __init__(self, config: ProxyConfig) -> None:
-        self.pool = UpstreamPool(config.upstream_host, config.upstream_port, idle_timeout=config.upstream_idle)
-        self.websockets = aiohttp.ClientSession(
-            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
-            timeout=aiohttp.ClientTimeout(total=None, connect=5),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-        )
-
-    async def close(self) -> None:
-        await self.pool.close()
-        await self.websockets.close()
+FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host"})
 
 
-def upstream_session(config: ProxyConfig) -> Upstream:
-    return Upstream(config)
-
-
-def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, upstream: Upstream) -> Handler:
-    forward = Forward(upstream, config, metrics)
+def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, pool: UpstreamPool) -> Handler:
+    forward = Forward(pool, config, metrics)
     chain: Handler = Measure(metrics, forward)
-    chain = Auth(config.token, metrics, chain)
+    if config.token:
+        chain = Auth(config.token, metrics, chain)
     chain = Limits(config, state, metrics, chain)
     chain = Timeout(config.request_timeout, metrics, chain)
     return Drain(state, config, metrics, chain)
 
 
-class HeaderTimeout:
-    """Closes connections that send no complete request head within `seconds` (slowloris)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._answered: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
-
-    def wrap(self, handler: Handler) -> Handler:
-        async def noting(request: web.BaseRequest) -> web.StreamResponse:
-            if request.transport is not None:
-                self._answered.add(request.transport)
-            return await handler(request)
-
-        return noting
-
-    def protocol_factory(self, server: web.Server) -> Callable[[], asyncio.Protocol]:
-        loop = asyncio.get_running_loop()
-
-        def make() -> asyncio.Protocol:
-            protocol = server()
-            loop.call_later(self.seconds, self._close_if_silent, protocol)
-            return protocol
-
-        return make
-
-    def _close_if_silent(self, protocol) -> None:
-        transport = protocol.transport
-        if transport is not None and not transport.is_closing() and transport not in self._answered:
-            log.debug("closing a connection that sent no request head within %.0f s", self.seconds)
-            transport.close()
+def upstream_pool(config: ProxyConfig) -> UpstreamPool:
+    return UpstreamPool(config.upstream_host, config.upstream_port, idle_timeout=config.upstream_idle)
 
 
-async def start_server(handler: Handler, host: str, port: int, *, header_timeout: float | None = None) -> tuple[web.Server, asyncio.AbstractServer]:
-    """Bind at once; aiohttp's low-level server (no router: one handler chain)."""
-    loop = asyncio.get_running_loop()
-    guard = HeaderTimeout(header_timeout) if header_timeout else None
-    server = web.Server(
-        guard.wrap(handler) if guard else handler,
-        handler_cancellation=True,  # a client that disconnects cancels its upstream request
-        auto_decompress=False,
-        access_log=None,
-        keepalive_timeout=75.0,  # nginx's default for clients
-    )
-    factory = guard.protocol_factory(server) if guard else server
-    listener = await loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
+async def start_server(handler: Handler, host: str, port: int, limits: ServerLimits, metrics: Metrics | None = None
+                       ) -> tuple[Server, asyncio.AbstractServer]:
+    """Bind at once and serve `handler`; the server's own refusals (400, 431, ...) counted in `metrics`."""
+    server = Server(handler, limits, on_refuse=metrics.count if metrics is not None else None)
+    listener = await server.listen(host, port)
+    gc.freeze()  # what exists now lives as long as the process: later collections skip it
     return server, listener

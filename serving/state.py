@@ -46,12 +46,13 @@ class Inflight:
 
     def add(self, delta: int) -> None:
         now = time.monotonic()
-        self._area += self.count * (now - self._changed_at)
+        count = self.count
+        self._area += count * (now - self._changed_at)
         self._changed_at = now
-        self.count += delta
-        if self.count == 0:
+        self.count = count = count + delta
+        if count == 0:
             self._idle.set()
-        else:
+        elif count == delta:  # from idle: the only change that needs the event cleared
             self._idle.clear()
 
     def take_average(self) -> float:

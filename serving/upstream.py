@@ -8,8 +8,12 @@ uvicorn uses it), its body handed on as it arrives, with back-pressure toward th
 
 Keep-alive race: the child may close an idle connection just as a request is sent on it.
 Connections idle for `idle_timeout` (kept below the child's own) are never reused, and a
-request on a reused connection that closes before a byte of answer is retried once on a new
-connection.
+request on a reused connection that closes before a byte of answer is sent again once on a
+new connection, if sending it twice is harmless: an idempotent method without a body (the
+child may have read a POST before closing: nginx does not resend one either).
+
+A 101 answer (`upgrade=True`) takes the connection out of the pool: `Response.upgraded()` is
+then one end of a byte tunnel (serving/http.py's `Upgraded`).
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ from typing import AsyncIterator
 
 import httptools
 
+from serving.http import HOP_BY_HOP, TunnelEnd, without_named
+
 Headers = list[tuple[bytes, bytes]]
 
 # Stop reading from the child while this much of a body waits for a slow client.
 HIGH_WATER = 256 * 1024
 # Methods whose requests may carry a body: always sent with a length (never chunked), even 0.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Sent again after the keep-alive race only these, and only without a body (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
 class UpstreamError(ConnectionError):
@@ -45,9 +53,14 @@ class ClosedEarly(UpstreamError):
 
 
 class Response:
-    """The child's answer: status and headers at once, the body as it arrives."""
+    """The child's answer: status and headers at once, the body as it arrives.
 
-    def __init__(self, connection: _Connection, status: int, reason: str, headers: Headers, content_length: int | None) -> None:
+    `headers` are the end-to-end ones, as a proxy passes them on; the hop-by-hop ones
+    (Connection, Content-Length, Transfer-Encoding, Upgrade, ...) are in `hop_headers`,
+    names in lower case.
+    """
+
+    def __init__(self, connection: _Connection, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
         self.status, self.reason, self.headers, self.content_length = status, reason, headers, content_length
         self._connection = connection
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -55,9 +68,19 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self.complete = False
         self._error: Exception | None = None
+        self.hop_headers: Headers = []
 
     async def read(self) -> bytes:
+        if self.complete and self._error is None:  # most small answers arrive with their head
+            body = b"".join(self._chunks)
+            self._chunks.clear()
+            return body
         return b"".join([chunk async for chunk in self.chunks()])
+
+    def upgraded(self) -> _Connection:
+        """After a 101: the connection, as one end of a byte tunnel (never pooled again)."""
+        assert self.status == 101
+        return self._connection
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as produced: whatever has arrived since the last step, in one piece."""
@@ -73,7 +96,7 @@ class Response:
             elif self.complete:
                 return
             else:
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self._connection.loop.create_future()
                 await self._waiter
 
     def release(self) -> None:
@@ -108,6 +131,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.keep_alive = False
@@ -120,7 +144,10 @@ class _Connection(asyncio.Protocol):
         self._reason = b""
         self._headers: Headers = []
         self._content_length: int | None = None
+        self._hop: Headers = []
         self._chunked = False
+        self._upgraded: list[bytes] | None = None  # after a 101: bytes that came before the tunnel started
+        self._peer: TunnelEnd | None = None  # the tunnel's other end
 
     async def exchange(self, method: str, data: bytes) -> Response:
         """Send one request (head and body in `data`) and wait for the answer's head."""
@@ -128,7 +155,7 @@ class _Connection(asyncio.Protocol):
         if self._head_only:  # the parser still expects the body a HEAD answer announced
             self._parser = httptools.HttpResponseParser(self)
         self._head_only = method == "HEAD"
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self.loop.create_future()
         self._answered = False
         self._response = None
         self.transport.write(data)
@@ -164,16 +191,60 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._peer is not None:
+            self._peer.write(data)
+            return
+        if self._upgraded is not None:
+            self._upgraded.append(data)
+            return
         self._answered = True
         try:
             self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # we never ask to upgrade
+        except httptools.HttpParserUpgrade as exc:
+            if self._response is None or self._response.status != 101:
+                self._fail(ClosedEarly("the service switched protocols unasked", before_answer=False))
+                self.abort()
+                return
+            self.keep_alive = False
+            self._upgraded = [data[exc.args[0]:]]
+            self._response._end()
+        except httptools.HttpParserError as exc:
             self._fail(ClosedEarly(f"the service sent an invalid answer: {exc}", before_answer=False))
             self.abort()
+
+    # one end of a byte tunnel, after a 101 (serving.http.Upgraded)
+
+    def start(self, peer: TunnelEnd) -> None:
+        self._peer = peer
+        pending, self._upgraded = self._upgraded or [], None
+        for data in pending:
+            if data:
+                peer.write(data)
+        if self.transport is None:
+            peer.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self._peer is not None:
+            self._peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._peer is not None:
+            self._peer.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.pool._forget(self)
+        if self._peer is not None:
+            self._peer.close()
+            return
         response = self._response
         if response is not None and not response.complete and not self._chunked and self._content_length is None:
             response._end()  # a body without length or chunks ends when the connection does
@@ -189,14 +260,17 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._reason, self._headers, self._content_length, self._chunked = b"", [], None, False
+        self._reason, self._headers, self._hop, self._content_length, self._chunked = b"", [], [], None, False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
         lowered = name.lower()
+        if lowered not in HOP_BY_HOP:
+            self._headers.append((name, value))
+            return
+        self._hop.append((lowered, value))
         if lowered == b"content-length":
             self._content_length = int(value)
         elif lowered == b"transfer-encoding":
@@ -207,7 +281,12 @@ class _Connection(asyncio.Protocol):
         if status < 200 and status != 101:
             return  # an interim answer (100 Continue): the final one follows
         self.keep_alive = self._parser.should_keep_alive()
-        self._response = Response(self, status, self._reason.decode("utf-8", "surrogateescape"), self._headers, self._content_length)
+        headers = self._headers
+        for name, value in self._hop:
+            if name == b"connection" and value.lower() not in (b"keep-alive", b"close"):
+                headers = without_named(headers, value)
+        self._response = Response(self, status, self._reason, headers, self._content_length)
+        self._response.hop_headers = self._hop
         if self._head_only:
             self._response._end()
         if self._head is not None and not self._head.done():
@@ -249,9 +328,9 @@ class UpstreamPool:
             try:
                 return await connection.exchange(method, data)
             except ClosedEarly as exc:
-                if not exc.before_answer:
+                if not exc.before_answer or method not in IDEMPOTENT or body:
                     raise
-                # The keep-alive race: nothing was answered, so sending again is safe.
+                # The keep-alive race: nothing was answered and sending again is harmless.
         return await (await self._connect()).exchange(method, data)
 
     async def close(self) -> None:
@@ -260,7 +339,10 @@ class UpstreamPool:
         self._idle.clear()
 
     def _reusable(self) -> _Connection | None:
-        idle, now = self._idle, asyncio.get_running_loop().time()
+        idle = self._idle
+        if not idle:
+            return None
+        now = idle[-1].loop.time()  # not asyncio.get_running_loop(): a getpid() system call each time
         while idle and now - idle[0].idle_since >= self.idle_timeout:
             idle.popleft().abort()  # the child may be closing it right now
         while idle:
@@ -283,7 +365,7 @@ class UpstreamPool:
         return connection
 
     def _put_back(self, connection: _Connection) -> None:
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop.time()
         self._idle.append(connection)
 
     def _forget(self, connection: _Connection) -> None:

@@ -264,9 +264,13 @@ def accelerator_kind(gpus: int, env: Mapping[str, str]) -> str:
 
 # --- warmup --------------------------------------------------------------------------------
 
-WARMUP_PROMPT_WORDS = (8, 128, 512)
+WARMUP_PROMPT_TOKENS = (8, 128, 512)
 WARMUP_CONCURRENCY = (1, 4)
 WARMUP_MAX_TOKENS = 8
+# Room left in the context beside the prompt for the chat template's own tokens.
+TEMPLATE_MARGIN_TOKENS = 32
+WARMUP_WORD = "hello"
+TOKENIZE_TIMEOUT_S = 10.0
 
 
 def max_model_len(command: VllmCommand) -> int | None:
@@ -282,19 +286,27 @@ def max_model_len(command: VllmCommand) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def warmup_profile(served_name: str, context_len: int | None) -> list[dict[str, Any]]:
+def warmup_profile(served_name: str, context_len: int | None, tokens_per_word: float | None = None) -> list[dict[str, Any]]:
     """Requests in the --warmup file format that exercise the paths real traffic takes.
 
-    Chat and completions, streaming and not, short to long prompts (capped at a quarter of the
-    context, since a word may take more than one token), one and several at a time, so that
-    kernels for prefill lengths and decode batch sizes are compiled before READY.
+    Chat and completions, streaming and not, short to long prompts, one and several at a time,
+    so that kernels for prefill lengths and decode batch sizes are compiled before READY.
+    Prompts are sized in tokens: `tokens_per_word` is what the model's tokenizer makes of the
+    prompt's word (vLLM's /tokenize), and the longest prompt with its reply and the chat
+    template fits the context. Without it, a prompt stays within a quarter of the context in words.
     """
-    limit = max(1, context_len // 4) if context_len else max(WARMUP_PROMPT_WORDS)
-    lengths = sorted({min(words, limit) for words in WARMUP_PROMPT_WORDS})
+    if tokens_per_word:
+        room = (context_len or max(WARMUP_PROMPT_TOKENS) * 2) - WARMUP_MAX_TOKENS - TEMPLATE_MARGIN_TOKENS
+        limit = max(1, int(room / tokens_per_word))
+        wanted = [max(1, int(tokens / tokens_per_word)) for tokens in WARMUP_PROMPT_TOKENS]
+    else:
+        limit = max(1, context_len // 4) if context_len else max(WARMUP_PROMPT_TOKENS)
+        wanted = list(WARMUP_PROMPT_TOKENS)
+    lengths = sorted({min(words, limit) for words in wanted})
     headers = {"Content-Type": "application/json"}
     entries: list[dict[str, Any]] = []
     for words in lengths:
-        prompt = " ".join(["hello"] * words)
+        prompt = " ".join([WARMUP_WORD] * words)
         for stream in (False, True):
             completion = {"model": served_name, "prompt": prompt, "max_tokens": WARMUP_MAX_TOKENS, "stream": stream}
             chat = {
@@ -391,6 +403,14 @@ class VllmEngine(Engine):
     def warmup_profile(self) -> list[str]:
         return [json.dumps(entry) for entry in warmup_profile(self.served_name, max_model_len(self.command))]
 
+    async def sized_warmup_profile(self, port: int) -> list[str]:
+        measured = await tokens_per_word(port, self.served_name)
+        if measured is None:
+            return self.warmup_profile()
+        per_word, context = measured
+        entries = warmup_profile(self.served_name, context or max_model_len(self.command), per_word)
+        return [json.dumps(entry) for entry in entries]
+
     async def load(self, port: int) -> EngineLoad | None:
         text = await _engine_metrics(port)
         return None if text is None else engine_load(text)
@@ -398,6 +418,28 @@ class VllmEngine(Engine):
     async def metrics_text(self, port: int) -> str:
         text = await _engine_metrics(port)
         return "" if text is None else reexported_metrics(text)
+
+
+async def tokens_per_word(port: int, served_name: str, sample_words: int = 64) -> tuple[float, int | None] | None:
+    """What the model's tokenizer makes of the warmup prompt's word, and the context length,
+    from vLLM's /tokenize; None when the engine cannot say (the profile falls back to words)."""
+    import aiohttp
+
+    body = {"model": served_name, "prompt": " ".join([WARMUP_WORD] * sample_words), "add_special_tokens": False}
+    try:
+        timeout = aiohttp.ClientTimeout(total=TOKENIZE_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.post(f"http://127.0.0.1:{port}/tokenize", json=body) as response:
+                if response.status != 200:
+                    return None
+                answer = await response.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    count = answer.get("count") if isinstance(answer, dict) else None
+    if not isinstance(count, int) or count < 1:
+        return None
+    context = answer.get("max_model_len")
+    return count / sample_words, context if isinstance(context, int) else None
 
 
 async def _engine_metrics(port: int) -> str | None:

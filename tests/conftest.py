@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +19,58 @@ HARDWARE_MARKERS = {
     "nfs": "an NFS client in the kernel",
     "xfs_quota": "XFS project quotas for docker's storage_opt size",
 }
+
+
+# Every process this run starts inherits BERTH_TEST_RUN=<this run's id> (the agent harness also
+# hands it to the instances it runs). At the end, whatever still carries it was left behind:
+# killed and named, and the run fails. Other runs on the machine have other ids: never touched.
+RUN_MARKER = "BERTH_TEST_RUN"
+LEFTOVER_GRACE_S = 5.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ[RUN_MARKER] = uuid.uuid4().hex
+
+
+def _leftovers(run_id: str) -> dict[int, str]:
+    """Processes carrying this run's marker, other than this one: pid -> command line."""
+    wanted = f"{RUN_MARKER}={run_id}".encode()
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+            if wanted not in environ.split(b"\0"):
+                continue
+            command = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue  # gone, or not ours to read
+        found[int(name)] = command
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    run_id = os.environ.get(RUN_MARKER)
+    if not run_id or not Path("/proc").is_dir():
+        return
+    deadline = time.monotonic() + LEFTOVER_GRACE_S  # a part stopped just now may still be exiting
+    while (left := _leftovers(run_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not left:
+        return
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"the suite left {len(left)} process(es) of its own running (killed now):"]
+    lines += [f"  pid {pid}: {command[:200]}" for pid, command in sorted(left.items())]
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_line("\n".join(lines), red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

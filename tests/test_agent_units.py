@@ -86,9 +86,13 @@ def test_policy_refuses_host_paths_fuse_gpus_and_port_clashes(tmp_path: Path):
     ]}).spec
     issues = {issue.path: issue.message for issue in check_policy(spec, config, host_ports=True,
                                                                   app_ports_in_use={8000: "other"}, gpu_capacity=0)}
-    assert set(issues) == {"storage[1].local.path", "storage[2].oss.mode", "metadata.gpu", "metadata.instance",
-                           "containers[0].port"}
+    assert set(issues) == {"storage[1].local.path", "storage[2].oss.mode", "metadata.gpu", "containers[0].port"}
     assert "--allow-host-path" in issues["storage[1].local.path"]
+    # Two instances on one host: each gets its own port through berth boot (PORT); without it, refused.
+    bare = parse_spec({**BASE, "metadata": {"name": "svc", "instance": 2},
+                       "containers": [{**BASE["containers"][0], "bootstrap": False}]}).spec
+    refused = {issue.path for issue in check_policy(bare, config, host_ports=True, app_ports_in_use={}, gpu_capacity=0)}
+    assert refused == {"metadata.instance"}
 
 
 def test_secrets_reach_the_instance_as_files_never_in_the_spec_env_or_labels(tmp_path: Path):

@@ -32,8 +32,9 @@ INVENTORY = Path(__file__).parent / "data" / "gpu-inventory.json"
 
 
 def scaled_spec(name: str, autoscaler: dict | None = None, **metadata) -> dict:
+    # The first instance listens on the spec's port, each other one on its own (berth boot's PORT).
     spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 10}, **metadata},
-            "containers": [{"image": "ignored", "command": APP}]}
+            "containers": [{"image": "ignored", "command": APP, "port": free_port()}]}
     if autoscaler is not None:
         spec["autoscaler"] = autoscaler
     return spec

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
-from aiohttp import web
 
+from serving.http import Request, Response
 from serving.metrics import Metrics
 from serving.proxy import Auth, Drain, Limits, ProxyConfig, Timeout, start_server
+from serving.server import ServerLimits
 from serving.state import BootState, State
 from tests.harness.parts import free_port
 
 
-async def _ok(request: web.BaseRequest) -> web.Response:
-    await asyncio.sleep(float(request.query.get("sleep", "0")))
-    return web.Response(text="ok")
+async def _ok(request: Request) -> Response:
+    query = parse_qs(urlsplit(request.target).query)
+    await asyncio.sleep(float(query.get("sleep", ["0"])[0]))
+    return Response(200, b"ok")
 
 
 def _serve(make_chain, exchange):
@@ -26,7 +29,7 @@ def _serve(make_chain, exchange):
         state = BootState()
         metrics = Metrics(state)
         port = free_port()
-        server, listener = await start_server(make_chain(state, metrics), "127.0.0.1", port, header_timeout=0.3)
+        server, listener = await start_server(make_chain(state, metrics), "127.0.0.1", port, ServerLimits(header_timeout=0.3))
         try:
             async with aiohttp.ClientSession() as session:
                 return await exchange(session, f"http://127.0.0.1:{port}", state)

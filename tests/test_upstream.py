@@ -62,8 +62,8 @@ async def _with_server(test) -> None:
         listener.close()
 
 
-async def fetch(pool: UpstreamPool, target: str, method: str = "GET") -> tuple[int, bytes]:
-    response = await pool.request(method, target, [(b"Host", b"t")], None)
+async def fetch(pool: UpstreamPool, target: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+    response = await pool.request(method, target, [(b"Host", b"t")], body)
     body = await response.read()
     response.release()
     return response.status, body
@@ -104,6 +104,18 @@ def test_a_reused_connection_closed_before_any_answer_is_retried_once_on_a_new_o
         assert await fetch(pool, "/arm-drop") == (200, b"hello")
         assert await fetch(pool, "/length") == (200, b"hello")  # sent on the pooled one, dropped, resent
         assert server.connections == 2
+
+    run(test)
+
+
+@pytest.mark.parametrize("method, body", [("POST", None), ("PATCH", b"x"), ("PUT", b"x")])
+def test_a_request_the_child_may_have_acted_on_is_never_sent_twice(method, body):
+    """Not idempotent, or a body that may have been read: the keep-alive race is an error, not a resend."""
+    async def test(pool: UpstreamPool, server: Server) -> None:
+        assert await fetch(pool, "/arm-drop") == (200, b"hello")
+        with pytest.raises(ClosedEarly):
+            await fetch(pool, "/length", method, body)
+        assert server.connections == 1
 
     run(test)
 

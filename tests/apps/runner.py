@@ -30,8 +30,8 @@ class Boot:
     """`berth boot [flags] -- python -m tests.apps.slowapp --port P [app args]`."""
 
     def __init__(self, tmp_path: Path, *flags: str, app_args: tuple[str, ...] = (), command: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
-        self.app_port, self.proxy_port, self.admin_port = free_port(), free_port(), free_port()
+                 env: dict[str, str] | None = None, app_port: int | None = None) -> None:
+        self.app_port, self.proxy_port, self.admin_port = app_port or free_port(), free_port(), free_port()
         self.status_file = tmp_path / f"status-{self.admin_port}.json"
         self.log_path = tmp_path / f"boot-{self.admin_port}.log"
         argv = [sys.executable, "-m", "bootstrap.cli", "boot", "--port", str(self.app_port),

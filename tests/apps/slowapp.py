@@ -1,6 +1,10 @@
 """A small service for the bootstrap's tests: slow start, streaming, slow and crash endpoints.
 
     python -m tests.apps.slowapp --port 8000 [--start-delay S] [--start-exit CODE] [--on-term die|ignore|exit]
+                                 [--workers N]
+
+--workers N forks N idle worker processes in its own process group (as nginx or vLLM's engine
+core do), for the tests that the whole tree dies with berth boot.
 
 GET /                 200 "ok"
 GET /warm             counts warmup requests and their peak concurrency (each takes 50 ms)
@@ -12,6 +16,7 @@ ANY /echo             the request as JSON: method, path, headers, body length
 GET /arm-close        200; the next request on the same connection gets the connection closed, unanswered
 GET /orphan           leaves a grandchild that outlives its parent (for the reaping test); returns its pid
 GET /ws               WebSocket echo
+GET /whoami           this instance's port (which instance answered, through a gateway)
 """
 
 from __future__ import annotations
@@ -119,13 +124,22 @@ def main() -> None:
     parser.add_argument("--start-delay", type=float, default=0.0)
     parser.add_argument("--start-exit", type=int, default=None)
     parser.add_argument("--on-term", choices=("die", "ignore", "exit"), default="die")
+    parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
     print(f"slowapp starting (pid {os.getpid()})", flush=True)
+    workers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"]) for _ in range(args.workers)]
+    if workers:
+        print(f"slowapp workers: {' '.join(str(worker.pid) for worker in workers)}", flush=True)
     time.sleep(args.start_delay)
     if args.start_exit is not None:
         print("slowapp: cannot load the model: weights.bin is missing", file=sys.stderr, flush=True)
         sys.exit(args.start_exit)
     app = web.Application(middlewares=[close_armed])
+
+    async def whoami(_: web.Request) -> web.Response:
+        return web.Response(text=str(args.port))
+
+    app.router.add_get("/whoami", whoami)
     for path, handler in (("/", root), ("/warm", warm), ("/counters", counter_values), ("/stream", stream), ("/slow", slow),
                           ("/crash", crash), ("/arm-close", arm_close), ("/orphan", orphan), ("/ws", websocket)):
         app.router.add_get(path, handler)

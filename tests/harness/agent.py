@@ -20,6 +20,10 @@ BERTH = [sys.executable, "-m", "bootstrap.cli"]
 TIMINGS = {"probe_period_s": 0.5, "backoff_initial_s": 0.5, "backoff_max_s": 2, "pull_retries": 1,
            "pull_retry_delay_s": 0.2, "stray_grace_s": 3600}
 
+def _run_marker() -> dict[str, str]:
+    return {"BERTH_TEST_RUN": os.environ["BERTH_TEST_RUN"]} if "BERTH_TEST_RUN" in os.environ else {}
+
+
 class Agent:
     """One `berth agent` process with its own state directory, port and config file."""
 
@@ -30,7 +34,9 @@ class Agent:
         self.config_path = root / "agent.json"
         self.config_path.write_text(json.dumps({
             "listen": f"127.0.0.1:{self.port}", "state_dir": str(self.state_dir), "cache_dir": str(root / "cache"),
-            "runtime": "docker", "env": {"BERTH_DRAIN_DELAY": "0"}, "timings": TIMINGS, **config,
+            "runtime": "docker", "timings": TIMINGS, "gateway": "off", **config,
+            # The suite's marker reaches the instances too (the process runtime gives them a clean environment).
+            "env": {"BERTH_DRAIN_DELAY": "0", **_run_marker(), **config.get("env", {})},
         }))
         self.process: subprocess.Popen | None = None
 
@@ -38,9 +44,10 @@ class Agent:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Agent":
+    def start(self, *flags: str, env: dict[str, str] | None = None) -> "Agent":
         log = open(self.root / "agent.log", "ab")
-        self.process = subprocess.Popen([*BERTH, "agent", "--config", str(self.config_path)], stdout=log, stderr=log,
+        self.process = subprocess.Popen([*BERTH, "agent", "--config", str(self.config_path), *flags], stdout=log, stderr=log,
+                                        env={**os.environ, **(env or {})},
                                         start_new_session=True)
         wait_until(lambda: self._healthy() or self.process.poll() is not None, 30, "agent start")
         assert self.process.poll() is None, (self.root / "agent.log").read_text()[-3000:]
@@ -61,6 +68,11 @@ class Agent:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=30)
+        if (self.state_dir / "gateway.pid").exists():  # the gateway outlives its agent: stop it too
+            subprocess.run([*BERTH, "gateway", "stop", "--state-dir", str(self.state_dir)], capture_output=True, timeout=60)
+
+    def gateway_url(self) -> str:
+        return json.loads((self.state_dir / "gateway.json").read_text())["url"]
 
     def cli(self, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
         environ = {**os.environ, "BERTH_AGENT_URL": self.url, "BERTH_STATE_DIR": str(self.state_dir), **env}

@@ -1,0 +1,232 @@
+"""The gateway with real processes: `berth gateway --routes-file` in front of slowapp backends."""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.harness.gateway import Backend, Gateway, service
+from tests.harness.load import SteadyLoad
+from tests.harness.parts import free_port, wait_until
+
+
+@pytest.fixture
+def backends(tmp_path):
+    started = [Backend(tmp_path) for _ in range(3)]
+    yield started
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture
+def gateways(tmp_path):
+    started: list[Gateway] = []
+
+    def start(routes: dict, *extra: str) -> Gateway:
+        started.append(Gateway(tmp_path, routes, *extra))
+        return started[-1]
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def whoami_counts(gateway: Gateway, path: str, count: int, **kwargs) -> collections.Counter:
+    session = requests.Session()
+    counts: collections.Counter = collections.Counter()
+    for _ in range(count):
+        response = session.get(gateway.url + path, timeout=10, **kwargs)
+        assert response.status_code == 200, response.text
+        counts[int(response.text)] += 1
+    return counts
+
+
+def test_token_paths_and_forwarded_headers(backends, gateways):
+    a = backends[0]
+    gateway = gateways({"services": {"hello": service(a, token="s3cret-token")}})
+    assert gateway.get("/api/predict/hello/echo").status_code == 401
+    assert gateway.get("/api/predict/hello/echo", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    for value in ("s3cret-token", "Bearer s3cret-token"):
+        response = gateway.get("/api/predict/hello/echo?x=1&y=2", headers={
+            "Authorization": value, "X-Forwarded-For": "6.6.6.6", "traceparent": "00-abc-def-01"})
+        assert response.status_code == 200, response.text
+        seen = response.json()
+        assert seen["path"] == "/echo?x=1&y=2"
+        assert seen["headers"]["X-Forwarded-For"] == "127.0.0.1"  # the client's own claim replaced
+        assert seen["headers"]["traceparent"] == "00-abc-def-01"
+        assert seen["headers"]["X-Forwarded-Proto"] == "http"
+    root = gateway.get("/api/predict/hello?q=1", headers={"Authorization": "s3cret-token"})
+    assert root.status_code == 200 and root.text == "ok"
+    missing = gateway.get("/api/predict/nobody/x")
+    assert missing.status_code == 404 and "nobody" in missing.json()["error"]
+    assert gateway.get("/elsewhere").status_code == 404
+    routes = gateway.admin("/routes").text
+    metrics = gateway.admin("/metrics").text
+    assert "s3cret-token" not in routes and "***" in routes
+    assert "s3cret-token" not in metrics and "s3cret-token" not in gateway.log_path.read_text()
+    assert 'berth_gateway_requests_total{code="401",instance="-",name="hello",service="-"} 2.0' in metrics, metrics
+    stats = gateway.admin("/v1/stats").json()["services"]["hello"]
+    assert stats["requests_total"] >= 3 and stats["inflight"] == 0 and stats["held"] == 0
+
+
+def test_group_split_80_20(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 80}, {"service": "b", "weight": 20}]}}})
+    counts = whoami_counts(gateway, "/api/predict/chat/whoami", 1000)
+    assert abs(counts[a.port] / 1000 - 0.80) <= 0.04, counts
+
+
+def test_mirror_50_percent_answers_from_primary(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 100},
+                                                       {"service": "b", "weight": 0, "mirror_weight": 50}]}}})
+    counts = whoami_counts(gateway, "/api/predict/chat/whoami", 1000)
+    assert counts == {a.port: 1000}  # every client answer from the primary
+
+    def mirrored() -> dict[str, float]:
+        found = re.findall(r'berth_gateway_mirror_requests_total\{outcome="(\w+)",service="b"\} ([0-9.]+)', gateway.admin("/metrics").text)
+        return {outcome: float(value) for outcome, value in found}
+
+    wait_until(lambda: sum(mirrored().values()) >= 1000 * 0.42, 10, "mirror copies counted")
+    time.sleep(0.5)
+    copies = mirrored()
+    assert abs(copies.get("sent", 0) / 1000 - 0.50) <= 0.08, copies
+    assert gateway.admin("/v1/stats").json()["services"]["b"]["requests_total"] == 0  # copies never count as demand
+
+
+def test_header_route(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 100},
+                                                       {"service": "b", "match": {"headers": {"User-Agent": "~^CherryStudio"}}}]}}})
+    assert whoami_counts(gateway, "/api/predict/chat/whoami", 20, headers={"User-Agent": "CherryStudio/1.2"}) == {b.port: 20}
+    assert whoami_counts(gateway, "/api/predict/chat/whoami", 20, headers={"User-Agent": "curl/8"}) == {a.port: 20}
+
+
+def test_group_token_and_member_tokens(backends, gateways):
+    a = backends[0]
+    gateway = gateways({"services": {"a": service(a, token="member-token")},
+                        "groups": {"chat": {"token": "group-token", "routes": [{"service": "a"}]}}})
+    assert gateway.get("/api/predict/chat/echo", headers={"Authorization": "member-token"}).status_code == 401
+    seen = gateway.get("/api/predict/chat/echo", headers={"Authorization": "Bearer group-token"}).json()
+    assert seen["headers"]["Authorization"] == "Bearer member-token"  # the member is called with its own token
+
+
+def test_weight_change_under_load_loses_nothing(backends, gateways):
+    a, b = backends[:2]
+    table = {"services": {"a": service(a), "b": service(b)},
+             "groups": {"chat": {"routes": [{"service": "a", "weight": 90}, {"service": "b", "weight": 10}]}}}
+    gateway = gateways(table)
+    with SteadyLoad(lambda: [gateway.url], path="/api/predict/chat/whoami", rate_per_s=200, workers=4) as load:
+        time.sleep(1.5)
+        table["groups"]["chat"]["routes"] = [{"service": "a", "weight": 0}, {"service": "b", "weight": 100}]
+        gateway.routes(table)
+        changed = time.monotonic()
+        time.sleep(2.5)
+    assert load.outcomes and not load.failures(), load.failures()[:5]
+    late = [o for o in load.outcomes if o.at > changed + 1.0]
+    assert late and all(o.detail == str(b.port) for o in late)  # applied to new requests within 1 s
+
+
+def test_held_request_answered_when_an_instance_appears(backends, gateways):
+    a = backends[0]
+    gateway = gateways({"services": {"later": {"instances": []}, "never": {"instances": [], "timeout_s": 1}}})
+    answers: list[requests.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(gateway.get("/api/predict/later/whoami")))
+    thread.start()
+    wait_until(lambda: gateway.admin("/v1/stats").json()["services"]["later"]["held"] == 1, 10, "request held")
+    gateway.routes({"services": {"later": service(a), "never": {"instances": [], "timeout_s": 1}}})
+    thread.join(10)
+    assert answers and answers[0].status_code == 200 and answers[0].text == str(a.port)
+    refused = gateway.get("/api/predict/never/")
+    assert refused.status_code == 503 and "Retry-After" in refused.headers and "no Ready instance" in refused.json()["error"]
+
+
+def test_hold_queue_bound(backends, gateways):
+    gateway = gateways({"services": {"later": {"instances": []}}}, "--hold-queue", "0")
+    started = time.monotonic()
+    response = gateway.get("/api/predict/later/")
+    assert response.status_code == 503 and time.monotonic() - started < 2
+
+
+def test_sse_streams_chunk_by_chunk(backends, gateways):
+    gateway = gateways({"services": {"s": service(backends[0])}})
+    arrivals = []
+    with requests.get(gateway.url + "/api/predict/s/stream?n=4&gap=0.4", stream=True, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith(b"data:"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 5
+    assert arrivals[3] - arrivals[0] > 1.0  # each event came as written, not all at the end
+
+
+def test_connection_refused_is_retried_on_another_instance(backends, gateways):
+    dead = f"http://127.0.0.1:{free_port()}"
+    gateway = gateways({"services": {"s": {"instances": [{"id": "dead", "url": dead}, {"id": "alive", "url": backends[0].url}]}}})
+    counts = whoami_counts(gateway, "/api/predict/s/whoami", 50)
+    assert counts == {backends[0].port: 50}
+    assert re.search(r'berth_gateway_retries_total\{service="s"\} [1-9]', gateway.admin("/metrics").text)
+
+
+def test_bad_routes_file_is_refused_naming_the_field(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps({"services": {"a": {"instances": []}}, "groups": {"g": {"routes": [{"service": "zzz"}]}}}))
+    result = subprocess.run([sys.executable, "-m", "bootstrap.cli", "gateway", "--routes-file", str(path), "--listen",
+                             "127.0.0.1:0", "--admin", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "groups.g.routes[0].service" in result.stderr
+
+
+def test_two_random_choices_prefer_the_less_loaded_and_idle_vllm():
+    import random
+
+    from serving.routing import Backend, pick
+
+    busy, idle, queued = Backend("busy", "http://127.0.0.1:1", None), Backend("idle", "http://127.0.0.1:2", None), \
+        Backend("queued", "http://127.0.0.1:3", None)
+    busy.inflight, idle.inflight, queued.inflight, queued.waiting = 5, 1, 0, 2.0
+    rng = random.Random(7)
+    picks = collections.Counter(pick([busy, idle], rng=rng).id for _ in range(200))
+    assert picks == {"idle": 200}  # of two, the one with fewer in flight, every time
+    assert collections.Counter(pick([queued, idle], rng=rng).id for _ in range(200)) == {"idle": 200}  # vLLM waiting loses
+    spread = collections.Counter(pick([busy, idle, queued], rng=rng).id for _ in range(600))
+    # queued loses every pair (requests waiting), busy wins only against it, idle wins both of its pairs
+    assert set(spread) == {"idle", "busy"} and spread["idle"] > 1.5 * spread["busy"]
+    assert pick([busy], exclude=busy) is None and pick([busy, idle], exclude=busy) is idle
+
+
+def test_websocket_is_tunnelled_and_the_access_log_has_a_line_per_request(backends, gateways, tmp_path):
+    import asyncio
+    import json
+
+    import aiohttp
+
+    log = tmp_path / "access.jsonl"
+    gateway = gateways({"services": {"s": service(backends[0], token="ws-token")}}, "--access-log", str(log))
+
+    async def talk() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(gateway.url + "/api/predict/s/ws", headers={"Authorization": "ws-token"}) as ws:
+                answers = []
+                for word in ("one", "two"):
+                    await ws.send_str(word)
+                    answers.append((await ws.receive(timeout=5)).data)
+                return answers
+
+    assert asyncio.run(talk()) == ["echo: one", "echo: two"]
+    assert gateway.get("/api/predict/s/whoami", headers={"Authorization": "ws-token"}).status_code == 200
+    wait_until(lambda: len(log.read_text().splitlines()) >= 2, 10, "access log lines")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["path"], line["status"]) for line in lines] == [("/api/predict/s/ws", 101), ("/api/predict/s/whoami", 200)]
+    assert "ws-token" not in log.read_text()

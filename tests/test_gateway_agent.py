@@ -1,0 +1,173 @@
+"""The gateway the agent starts, on the process runtime with berth boot instances of a test app:
+routes published and acknowledged, groups, the drain order under load, agent kill -9, hold."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from tests.harness.agent import Agent, unique, wait_state
+from tests.harness.load import SteadyLoad
+from tests.harness.parts import free_port
+
+SLOWAPP = Path(__file__).parent / "apps" / "slowapp.py"
+# Instances run this checkout's berth boot (the process runtime's own venvs see the agent's installed berth).
+ENV = {"BERTH_DRAIN_DELAY": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def app_spec(name: str, *, token: str | None = None, start_delay: float = 0, **metadata) -> dict:
+    port = free_port()
+    spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 10}, **metadata},
+            "containers": [{"image": "ignored", "port": port,
+                            "command": f"{sys.executable} {SLOWAPP} --port {port} --start-delay {start_delay}"}]}
+    if token:
+        spec["token"] = token
+    return spec
+
+
+def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
+    agent = Agent(tmp_path, runtime="process", gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0", env=ENV).start()
+    try:
+        gateway = agent.gateway_url()
+        pid = int((agent.state_dir / "gateway.pid").read_text())
+        secret, two, three = unique("sec"), unique("two"), unique("three")
+        result = agent.deploy(app_spec(secret, token="tok-123"), "--wait", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["gateway_url"] == f"{gateway}/api/predict/{secret}"
+        for name in (two, three):
+            assert agent.deploy(app_spec(name, group="chat"), "--wait").returncode == 0
+
+        # token: 401 at the gateway, 200 with it (the route table reached the gateway)
+        assert requests.get(f"{gateway}/api/predict/{secret}/whoami", timeout=10).status_code == 401
+        assert requests.get(f"{gateway}/api/predict/{secret}/whoami", headers={"Authorization": "tok-123"}, timeout=10).status_code == 200
+        assert "tok-123" not in requests.get(json.loads((agent.state_dir / "gateway.json").read_text())["admin_url"] + "/routes").text
+
+        # names: a group may not take a service's name; routes name existing services
+        clash = agent.cli("group", "apply", "-", stdin=json.dumps({"name": secret, "routes": [{"service": two}]}))
+        assert clash.returncode == 2 and "name" in clash.stderr and "service's name" in clash.stderr
+        unknown = agent.cli("group", "apply", "-", stdin=json.dumps({"name": "g2", "routes": [{"service": "nope"}]}))
+        assert unknown.returncode == 2 and "routes[0].service" in unknown.stderr
+        taken = agent.deploy(app_spec("chat"))
+        assert taken.returncode == 2 and "metadata.name" in taken.stderr
+
+        applied = agent.cli("group", "apply", "-", stdin=json.dumps(
+            {"name": "chat", "routes": [{"service": two, "weight": 50}, {"service": three, "weight": 50}]}))
+        assert applied.returncode == 0, applied.stderr
+        table = agent.cli("group", "get", "chat")
+        assert table.returncode == 0 and "CONFIGURED %" in table.stdout and two in table.stdout, table.stderr
+        listed = agent.cli("group", "ls")
+        assert listed.returncode == 0 and "chat" in listed.stdout, listed.stderr
+        shown = json.loads(agent.cli("group", "get", "chat", "--json").stdout)
+        assert shown["members"] == [two, three] and shown["configured_split_percent"] == {two: 50.0, three: 50.0}
+
+        port_two = int(requests.get(f"{gateway}/api/predict/{two}/whoami", timeout=10).text)
+        with SteadyLoad(lambda: [gateway], path="/api/predict/chat/whoami", rate_per_s=100, workers=4) as load:
+            time.sleep(1.5)
+            assert agent.cli("rm", three).returncode == 0  # drain order: out of the table before SIGTERM
+            removed = time.monotonic()
+            time.sleep(1.0)
+            agent.kill9()
+            time.sleep(1.5)  # the gateway serves on from its last table
+            agent = Agent(tmp_path, port=agent.port, runtime="process", gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0", env=ENV).start()
+            time.sleep(1.5)
+        assert load.outcomes and not load.failures(), load.failures()[:5]
+        assert {o.detail for o in load.outcomes if o.at > removed} == {str(port_two)}
+        assert int((agent.state_dir / "gateway.pid").read_text()) == pid  # found again, not started twice
+        assert agent.gateway_url() == gateway
+        observed = json.loads(agent.cli("group", "get", "chat", "--json").stdout)["observed_split_percent"]
+        assert observed.get(two, 0) > 50, observed  # the last minute's answers, as the gateway saw them
+
+        # hold: a request for a service still starting is answered once it is Ready
+        held = unique("held")
+        assert agent.deploy(app_spec(held, start_delay=2)).returncode == 0
+        started = time.monotonic()
+        answer = requests.get(f"{gateway}/api/predict/{held}/", timeout=60)
+        assert answer.status_code == 200 and answer.text == "ok", answer.text
+        assert time.monotonic() - started > 0.5
+        node = json.loads(agent.cli("node", "--json").stdout)
+        assert node["gateway"]["url"] == gateway and node["gateway"]["acked_version"] > 0
+    finally:
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_gateway_off_starts_nothing(tmp_path):
+    agent = Agent(tmp_path, runtime="process", gateway="off", env=ENV).start()
+    try:
+        name = unique("plain")
+        result = agent.deploy(app_spec(name), "--wait", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["gateway_url"] is None
+        assert not (agent.state_dir / "gateway.pid").exists()
+        table = agent.api("GET", "/v1/routes").json()
+        assert table["services"][name]["instances"][0]["url"].startswith("http://127.0.0.1:")
+    finally:
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
+
+
+def test_route_stream_and_ack(tmp_path):
+    """The agent's side alone: a watcher gets a new whole table per change and acknowledges it."""
+    agent = Agent(tmp_path, runtime="process", gateway="off", env=ENV).start()
+    tables: list[dict] = []
+    token = (agent.state_dir / "token").read_text().strip()
+
+    def watch() -> None:
+        with requests.get(agent.url + "/v1/routes?watch=1", headers={"Authorization": f"Bearer {token}"}, stream=True,
+                          timeout=30) as response:
+            for line in response.iter_lines():
+                if line:
+                    tables.append(json.loads(line))
+                    requests.post(agent.url + "/v1/gateway/ack", json={"version": tables[-1]["version"]},
+                                  headers={"Authorization": f"Bearer {token}"}, timeout=5)
+                    if any(t["services"].get("w", {}).get("instances") for t in tables) and not tables[-1]["services"].get("w"):
+                        return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    try:
+        thread.start()
+        assert agent.deploy(app_spec("w"), "--wait").returncode == 0
+        wait_state(agent, "w", lambda s: s["ready"] == 1)
+        assert agent.cli("rm", "w").returncode == 0
+        thread.join(20)
+        versions = [t["version"] for t in tables]
+        assert versions == sorted(versions) and len(set(versions)) == len(versions)
+        assert agent.api("POST", "/v1/gateway/ack", json={"version": "x"}).status_code == 422
+        assert agent.api("GET", "/v1/node").json()["gateway"]["acked_version"] == versions[-1]
+    finally:
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
+
+
+def test_two_instances_under_the_process_runtime_each_on_its_own_port(tmp_path):
+    agent = Agent(tmp_path, runtime="process", gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0", env=ENV).start()
+    try:
+        name = unique("pair")
+        spec = app_spec(name, instance=2)
+        spec_port = spec["containers"][0]["port"]
+        spec["containers"][0]["command"] = f"{sys.executable} {SLOWAPP} --port $PORT"
+        result = agent.deploy(spec, "--wait", "--json")
+        assert result.returncode == 0, result.stderr
+        gateway = agent.gateway_url()
+        session = requests.Session()
+        ports = {int(session.get(f"{gateway}/api/predict/{name}/whoami", timeout=10).text) for _ in range(40)}
+        assert len(ports) == 2 and spec_port in ports  # the first instance keeps the spec's port
+
+    finally:
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
