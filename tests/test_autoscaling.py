@@ -324,3 +324,20 @@ def test_app_metrics_are_reexported_until_the_app_answers_404(tmp_path):
         for app in apps:
             app.terminate()
             app.wait(timeout=10)
+
+
+def test_a_request_through_the_gateway_wakes_an_idle_service_and_is_answered(tmp_path):
+    agent = start_agent(tmp_path, gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0")
+    name = unique("wake")
+    try:
+        spec = scaled_spec(name, autoscaler("concurrency", 5, low=0, high=2, down_s=0, scaleDownGracePeriodSeconds=2))
+        assert agent.deploy(spec, "--wait").returncode == 0
+        wait_state(agent, name, lambda s: s["state"] == "Idle", 30, "idle")
+        answer = requests.get(f"{agent.gateway_url()}/api/predict/{name}/", timeout=60)
+        assert answer.status_code == 200 and answer.text == "ok", answer.text
+        assert float(answer.headers["X-Berth-Cold-Start"]) > 0, answer.headers
+        assert any(e["kind"] == "Activated" for e in events(agent, name))
+    finally:
+        agent.api("DELETE", f"/v1/services/{name}")
+        wait_state_gone(agent, name)
+        agent.stop()
