@@ -89,7 +89,8 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         parsed = await parsed_body(request)
         svc, created = await supervisor.deploy(parsed.spec)
         view = supervisor.view(svc)
-        view["warnings"] = [{"path": w.path, "message": w.message} for w in parsed.warnings]
+        warnings = parsed.warnings + supervisor.scaling_warnings(parsed.spec)
+        view["warnings"] = [{"path": w.path, "message": w.message} for w in warnings]
         return JSONResponse(view, status_code=201 if created else 200)
 
     @app.put("/v1/services/{name}", dependencies=auth, status_code=202)
@@ -100,7 +101,8 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         if parsed.spec.name != name:
             raise SpecError([SpecIssue("metadata.name", f"{parsed.spec.name!r} differs from the service updated, {name!r}")])
         view = supervisor.view(await supervisor.update(parsed.spec))
-        view["warnings"] = [{"path": w.path, "message": w.message} for w in parsed.warnings]
+        warnings = parsed.warnings + supervisor.scaling_warnings(parsed.spec)
+        view["warnings"] = [{"path": w.path, "message": w.message} for w in warnings]
         return JSONResponse(view, status_code=202)
 
     @app.post("/v1/services/{name}/rollback", dependencies=auth, status_code=202)
@@ -108,6 +110,28 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         """Roll the service back to the revision deployed before its current one."""
         service_or_404(name)
         return supervisor.view(await supervisor.rollback(name))
+
+    @app.post("/v1/services/{name}/scale", dependencies=auth, status_code=202)
+    async def scale_service(name: str, request: Request) -> dict:
+        """Set the instance count of a service without an autoscaler: {"instance": N} (until its next cron job)."""
+        service_or_404(name)
+        count = (await _json_object(request)).get("instance")
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 1000:
+            raise SpecError([SpecIssue("instance", f"{count!r}: give the instance count, a whole number from 0 to 1000")])
+        return supervisor.view(await supervisor.scale(name, count))
+
+    @app.post("/v1/services/{name}/wake", dependencies=auth)
+    async def wake_service(name: str, request: Request) -> dict:
+        """Activate an idle service (autoscaler min 0) for `held` waiting requests (the node gateway calls this).
+
+        Answer: `activated` true while a start from zero is under way (since `since`, unix time;
+        the gateway adds `X-Berth-Cold-Start` to the held request's response), `began` whether this
+        call started it, and the `desired` and `ready` counts."""
+        service_or_404(name)
+        held = (await _json_object(request)).get("held", 1)
+        if not isinstance(held, int) or isinstance(held, bool) or held < 0:
+            raise SpecError([SpecIssue("held", f"{held!r}: give the number of requests held, a whole number >= 0")])
+        return await supervisor.wake(name, held)
 
     @app.get("/v1/services", dependencies=auth)
     async def list_services() -> list[dict]:
@@ -299,3 +323,23 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
         return JSONResponse(status_code=409, content={"detail": str(exc)})
 
     return app
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except json.JSONDecodeError as exc:
+        raise SpecError([SpecIssue("(body)", f"not JSON: {exc.msg}")]) from None
+    if not isinstance(body, dict):
+        raise SpecError([SpecIssue("(body)", "give a JSON object")])
+    return body
+
+
+async def _threaded(chunks) -> AsyncIterator[bytes]:
+    """A blocking iterator (the runtime's log stream) read in a thread, chunk by chunk."""
+    done = object()
+    while True:
+        chunk = await asyncio.to_thread(next, chunks, done)
+        if chunk is done:
+            return
+        yield chunk

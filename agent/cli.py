@@ -1,4 +1,4 @@
-"""`berth agent` (the node daemon) and its client commands: deploy, update, ls, get, logs, rm, node.
+"""`berth agent` (the node daemon) and its client commands: deploy, update, scale, ls, get, logs, rm, node.
 
 Imports here stay light: the daemon's FastAPI/uvicorn/docker are loaded only by `berth agent`.
 """
@@ -64,6 +64,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         "exit 1 with the reason when it pauses")
     update.add_argument("--timeout", type=float, default=900, metavar="S", help="give up waiting after S seconds (900)")
     update.set_defaults(handler=run_update)
+
+    scale = subparsers.add_parser(
+        "scale", parents=[client], help="set a service's instance count",
+        description="Set how many instances of a service run. Refused for a service with an autoscaler (it owns the "
+                    "count: change autoscaler.min/max with `berth update`); a cronscaler job that fires later sets the "
+                    "count again. Scaling in drains like a rollout: out of the endpoints first, then SIGTERM.")
+    scale.add_argument("name", metavar="NAME")
+    scale.add_argument("count", metavar="N", type=int, help="the instance count (0 stops every instance)")
+    scale.add_argument("--wait", action="store_true", help="wait until N instances are Ready (or gone), showing progress")
+    scale.add_argument("--timeout", type=float, default=900, metavar="S", help="give up waiting after S seconds (900)")
+    scale.set_defaults(handler=run_scale)
 
     ls = subparsers.add_parser("ls", parents=[client], help="list the agent's services")
     ls.set_defaults(handler=run_ls)
@@ -407,6 +418,16 @@ def run_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_scale(args: argparse.Namespace) -> int:
+    service = _call(args, "POST", f"/v1/services/{quote(args.name)}/scale", json.dumps({"instance": args.count}).encode())
+    print(f"{service['name']}: scaling to {service['instance']} instance(s)", file=sys.stderr)
+    if args.wait:
+        service = _wait_ready(args, service["name"], args.timeout)
+    if args.json:
+        print(json.dumps(service, indent=2))
+    return 0
+
+
 def _wait_rollout(args: argparse.Namespace, name: str, revision: str, timeout: float) -> dict:
     started = time.monotonic()
     seen: set[tuple] = set()
@@ -478,7 +499,8 @@ def run_ls(args: argparse.Namespace) -> int:
         print(json.dumps(services, indent=2))
         return 0
     rows = [["NAME", "READY", "REVISION", "RUNTIME", "IMAGE", "AGE"]]
-    rows += [[s["name"], f"{s['ready']}/{s['instance']}" + (" (removing)" if s["deleting"] else ""), s["revision"],
+    marks = {"Deleting": " (removing)", "Idle": " (idle)"}
+    rows += [[s["name"], f"{s['ready']}/{s['instance']}" + marks.get(s["state"], ""), s["revision"],
               s["runtime"], s["image"], _age(s["created"])] for s in services]
     print(_table(rows) if services else "no services")
     return 0
@@ -489,8 +511,10 @@ def run_get(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(service, indent=2))
         return 0
-    print(f"{service['name']}  revision {service['revision']}  runtime {service['runtime']}  image {service['image']}  "
-          f"{service['ready']}/{service['instance']} ready")
+    print(f"{service['name']}  {service['state']}  revision {service['revision']}  runtime {service['runtime']}  "
+          f"image {service['image']}  {service['ready']}/{service['instance']} ready")
+    for line in _scaling_lines(service.get("autoscaler")):
+        print(line)
     if service.get("gateway_url"):
         print(f"gateway   {service['gateway_url']}")
     rollout = service.get("rollout")
@@ -509,6 +533,28 @@ def run_get(args: argparse.Namespace) -> int:
         if inst.get("cold_start"):
             print(f"{inst['id']} cold start: {summary(inst['cold_start'])}")
     return 0
+
+
+def _scaling_lines(scaler: dict | None) -> list[str]:
+    """min..max, desired and current, each metric against its threshold, the last decision and why."""
+    if not scaler:
+        return []
+    lines = []
+    if "min" in scaler:
+        floor = f" (cron min {scaler['floor']})" if scaler["floor"] != scaler["min"] else ""
+        lines.append(f"autoscaler {scaler['min']}..{scaler['max']}{floor}  desired {scaler['desired']}  "
+                     f"current {scaler['current']}  ready {scaler['ready']}")
+        for metric in scaler["metrics"]:
+            value = "-" if metric["value"] is None else f"{metric['value']:g}"
+            wants = "" if metric["wants"] is None else f" -> wants {metric['wants']}"
+            lines.append(f"  {metric['metric']:<20} {value} / {metric['threshold']:g} per instance{wants}")
+    if scaler.get("cron"):
+        cron = scaler["cron"]
+        lines.append(f"cron job {cron['job']!r} set {cron['target']} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(cron['at']))}")
+    if scaler.get("decision"):
+        decision = scaler["decision"]
+        lines.append(f"last decision {_age(decision['at'])} ago: {decision['from']} -> {decision['to']}: {decision['why']}")
+    return lines
 
 
 def run_logs(args: argparse.Namespace) -> int:

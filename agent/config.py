@@ -117,6 +117,10 @@ class AgentConfig(_Model):
         "127.0.0.1:7080", description="HOST:PORT of the node gateway the agent starts (port 0 picks a free one), 'off', "
                                       "or 'external' (a gateway under its own unit; the agent only publishes routes)")
     gateway_admin: str = Field("127.0.0.1:7081", description="HOST:PORT of the gateway's metrics, health and routes")
+    # Every 2 s, as Knative's autoscaler ticks (the HPA's loop is 15 s); metrics averaged over 30 s,
+    # half of Knative's 60 s stable window: berth has no panic mode, so it reacts sooner by default.
+    autoscale_period_s: float = Field(2, gt=0, description="how often autoscaled services' counts are decided, and cron jobs fired")
+    metric_window_s: float = Field(30, gt=0, description="the window autoscaling metrics are averaged over")
     timings: Timings = Field(default_factory=Timings)
 
     @field_validator("gateway", "gateway_admin")

@@ -86,8 +86,11 @@ def service_root(config: AgentConfig, service: str) -> str:
 
 
 def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, app_ports_in_use: dict[int, str],
-                 gpu_capacity: int, process_runtime: bool = False) -> list[SpecIssue]:
-    """What the operator's configuration forbids, each named by its JSON path and what to do."""
+                 gpu_capacity: int, process_runtime: bool = False, count: int | None = None) -> list[SpecIssue]:
+    """What the operator's configuration forbids, each named by its JSON path and what to do.
+
+    `count`: the instances asked (`berth scale`); by default the spec's, or its autoscaler's max.
+    """
     issues: list[SpecIssue] = []
     if process_runtime:
         # No mount namespace: a mount_path is a real host path. Only berth's own directory, or
@@ -130,10 +133,11 @@ def check_policy(spec: ServiceSpec, config: AgentConfig, *, host_ports: bool, ap
         issues.append(SpecIssue("metadata.gpu", f"{spec.metadata.gpu} GPU(s) asked; this node has {gpu_capacity}"))
     if host_ports:
         port = spec.container.port
-        if spec.metadata.instance > 1 and not spec.container.bootstrap:
+        most = count if count is not None else max(spec.metadata.instance, spec.autoscaler.max if spec.autoscaler else 1)
+        if most > 1 and not spec.container.bootstrap:
             issues.append(SpecIssue(
                 "metadata.instance",
-                f"without berth boot (containers[0].bootstrap false) each of the {spec.metadata.instance} instances would "
+                f"without berth boot (containers[0].bootstrap false) each of the {most} instances would "
                 f"bind app port {port} on the host (host network or process runtime); run 1 instance here, enable the "
                 "bootstrap (each instance then gets its own port as PORT), or use the bridge network",
             ))

@@ -1,9 +1,12 @@
-"""The agent's own memory, in SQLite under the state directory: desired specs, revisions, events.
+"""The agent's own memory, in SQLite under the state directory: desired state, revisions, events.
 
 What runs is not stored here: the runtime (Docker's labels) is the source of truth for that.
-What is stored is what the runtime cannot know: the specs the operator asked for (secrets
-included, hence mode 0600), each service's past revisions (for rollbacks), per-instance
-restart counts, last exits and GPU assignments, and the event log.
+What is stored is what the runtime cannot know: the desired state (each service's spec, secrets
+included, hence mode 0600, its revision and how many instances of it are wanted; every other
+revision is wanted at 0), what decided that count (manual scale, cron job, autoscaler), each
+service's past revisions (for rollbacks), per-instance restart counts, last exits and GPU
+assignments, and the event log. An agent restarted mid-rollout or mid-scale reads the desired
+state back and carries on towards it.
 
 Losing this file must never read as "the operator wants nothing": a database that is
 unreadable or corrupt, or missing while instances of this agent run, stops the agent at
@@ -32,7 +35,8 @@ RECOVER_HINT = ("start the agent with --recover-from-runtime to rebuild the serv
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, revision TEXT NOT NULL,
-    deleting INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL);
+    deleting INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, updated REAL NOT NULL,
+    desired INTEGER, scaling TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS revisions (
     service TEXT NOT NULL, revision TEXT NOT NULL, spec TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (service, revision));
@@ -53,6 +57,8 @@ class StoredService:
     revision: str
     deleting: bool
     created: float
+    desired: int | None  # instances of `revision` wanted; None: the spec's metadata.instance
+    scaling: dict[str, Any]  # agent/scaling.py's record: manual count, cron job, autoscaler's last decision
 
 
 @dataclass
@@ -97,6 +103,10 @@ class Store:
             if verdict != "ok":
                 raise sqlite3.DatabaseError(verdict)
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(services)")}
+            for column, declaration in (("desired", "INTEGER"), ("scaling", "TEXT NOT NULL DEFAULT '{}'")):
+                if column not in columns:  # a state directory written by an agent before desired counts
+                    self._db.execute(f"ALTER TABLE services ADD COLUMN {column} {declaration}")
         except OSError as exc:
             raise StateError(f"cannot read the state database {path}: {exc.strerror or exc}; fix its permissions "
                              f"(the agent's user must read and write it), or move it aside and {RECOVER_HINT}") from None
@@ -131,13 +141,15 @@ class Store:
 
     # --- services -----------------------------------------------------------------------------
 
-    def put_service(self, name: str, spec: dict[str, Any], revision: str) -> None:
+    def put_service(self, name: str, spec: dict[str, Any], revision: str, desired: int | None = None) -> None:
+        """The service's spec and revision; `desired` its count (None: the spec's metadata.instance, at start)."""
         now = time.time()
         text = json.dumps(spec)
         self._run(
-            "INSERT INTO services (name, spec, revision, created, updated) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, revision=excluded.revision, updated=excluded.updated, deleting=0",
-            (name, text, revision, now, now),
+            "INSERT INTO services (name, spec, revision, created, updated, desired) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET spec=excluded.spec, revision=excluded.revision, updated=excluded.updated, "
+            "deleting=0, desired=excluded.desired",
+            (name, text, revision, now, now, desired),
         )
         # `created` of a revision is when it was last deployed, so the newest other one is what a rollback returns to.
         self._run("INSERT INTO revisions VALUES (?, ?, ?, ?) ON CONFLICT(service, revision) DO UPDATE SET created=excluded.created",
@@ -154,8 +166,13 @@ class Store:
         return (rows[0][0], json.loads(rows[0][1])) if rows else None
 
     def services(self) -> list[StoredService]:
-        rows = self._run("SELECT name, spec, revision, deleting, created FROM services ORDER BY name")
-        return [StoredService(name, json.loads(spec), rev, bool(deleting), created) for name, spec, rev, deleting, created in rows]
+        rows = self._run("SELECT name, spec, revision, deleting, created, desired, scaling FROM services ORDER BY name")
+        return [StoredService(name, json.loads(spec), rev, bool(deleting), created, desired, json.loads(scaling))
+                for name, spec, rev, deleting, created, desired, scaling in rows]
+
+    def put_desired(self, name: str, desired: int, scaling: dict[str, Any]) -> None:
+        """The instance count wanted of the current revision, and what decided it."""
+        self._run("UPDATE services SET desired=?, scaling=? WHERE name=?", (desired, json.dumps(scaling), name))
 
     def mark_deleting(self, name: str) -> None:
         self._run("UPDATE services SET deleting=1 WHERE name=?", (name,))

@@ -26,7 +26,7 @@ from bootstrap import probes, warmup
 from bootstrap.child import Child, OrphanReaper, become_subreaper, describe_exit
 from bootstrap.prepare import DEFAULT_CACHE_DIR, PrepareContext, PrepareError, prepare
 from bootstrap.spec import Probe, ServiceSpec
-from serving.admin import admin_app, start_admin
+from serving.admin import AppMetrics, admin_app, start_admin
 from serving.engine import Engine
 from serving import timeouts
 from serving.metrics import Metrics
@@ -48,6 +48,7 @@ class BootConfig:
     proxy: ProxyConfig | None = None  # None: --no-proxy
     proxy_port: int = 8080
     admin_port: int = 9090
+    app_metrics_path: str | None = "/metrics"  # the app's own page, re-exported on the admin port; None: off
     host: str = "0.0.0.0"
     warmup_file: Path | None = None
     warmup_policy: str = "fail"
@@ -356,8 +357,10 @@ class Boot:
 
     async def _bind(self) -> None:
         config = self.config
-        runner = await start_admin(admin_app(self.state, self.metrics, config.engine, config.app_port), config.host, config.admin_port)
-        self._closers.append(runner.cleanup)
+        app_metrics = AppMetrics(config.app_port, config.app_metrics_path)
+        runner = await start_admin(admin_app(self.state, self.metrics, config.engine, config.app_port, app_metrics),
+                                   config.host, config.admin_port)
+        self._closers += [runner.cleanup, app_metrics.close]
         if config.proxy is not None:
             pool = upstream_pool(config.proxy)
             chain = build_chain(self.state, config.proxy, self.metrics, pool)

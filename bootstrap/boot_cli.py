@@ -81,6 +81,8 @@ SETTINGS = (
             lambda s: s.container.port, "PORT"),
     Setting("--proxy-port", "BERTH_PROXY_PORT", int, 8080, "the traffic proxy's port", metavar="PORT"),
     Setting("--admin-port", "BERTH_ADMIN_PORT", int, 9090, "the admin port: /ready /live /status /metrics", metavar="PORT"),
+    Setting("--app-metrics-path", "BERTH_APP_METRICS_PATH", str, "/metrics", "the app's own Prometheus page, re-exported on "
+            "the admin /metrics (for custom[GAUGE] autoscaling); off when it answers 404, or with ''", metavar="PATH"),
     Setting("--listen-host", "BERTH_LISTEN_HOST", str, "0.0.0.0", "the address the proxy and admin ports bind: 0.0.0.0 in a "
             "container (the engine's port mapping decides who reaches it); the agent passes its host IP under the process "
             "runtime and host networking", metavar="ADDR"),
@@ -285,7 +287,8 @@ def _boot(args: argparse.Namespace, env: dict[str, str], spec, values: dict[str,
                         cache_dir=values["cache_dir"], stop_timeout_s=child_stop_timeout(values["stop_timeout"], values["grace"]))
     config = BootConfig(
         engine=engine or UserCommand(command), spec=spec, app_port=values["port"], proxy=proxy, proxy_port=values["proxy_port"],
-        admin_port=values["admin_port"], host=values["listen_host"], warmup_file=warmup_file(values["warmup"], spec), warmup_policy=values["warmup_policy"],
+        admin_port=values["admin_port"], host=values["listen_host"], app_metrics_path=None if engine else values["app_metrics_path"] or None,
+        warmup_file=warmup_file(values["warmup"], spec), warmup_policy=values["warmup_policy"],
         drain_delay=values["drain_delay"], grace=values["grace"], stop_timeout=values["stop_timeout"],
         startup_timeout=values["startup_timeout"], probe_interval=values["probe_interval"], cache_dir=values["cache_dir"],
         status_file=values["status_file"], env=child_env,

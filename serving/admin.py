@@ -1,5 +1,9 @@
 """The admin port (9090): /ready, /live, /status, /metrics.
 
+/metrics is berth's own series, then the engine's (vLLM's), then the app's own /metrics
+(`--app-metrics-path`) re-exported as they are, so an autoscaler's custom[GAUGE] reads any app
+through the one port the agent knows.
+
 /ready is what load balancers and the agent ask: 200 only in READY (and while the spec's
 readiness_check passes). /live is 200 unless the bootstrap FAILED, the child is gone, or the
 spec's liveness_check fails. Both answer at once from the start, so a probe during a long
@@ -8,8 +12,10 @@ prepare gets an honest 503, not a refused connection.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -18,7 +24,33 @@ from serving.metrics import Metrics
 from serving.state import BootState
 
 
-def admin_app(state: BootState, metrics: Metrics, engine: Engine, app_port: int) -> web.Application:
+class AppMetrics:
+    """The app's own Prometheus page, scraped at each scrape of ours; off for good once the app answers 404."""
+
+    def __init__(self, app_port: int, path: str | None) -> None:
+        self.url = f"http://127.0.0.1:{app_port}{path}" if path else None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def text(self) -> str:
+        if self.url is None:
+            return ""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        try:
+            async with self._session.get(self.url) as response:
+                if response.status == 404:
+                    self.url = None  # the app serves no metrics: stop asking
+                    return ""
+                return await response.text() if response.status == 200 else ""
+        except (OSError, asyncio.TimeoutError, aiohttp.ClientError):
+            return ""  # not up yet, or busy: this scrape goes without the app's series
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def admin_app(state: BootState, metrics: Metrics, engine: Engine, app_port: int, app_metrics: AppMetrics) -> web.Application:
     async def ready(_: web.Request) -> web.Response:
         return _verdict(state.ready, state)
 
@@ -30,9 +62,9 @@ def admin_app(state: BootState, metrics: Metrics, engine: Engine, app_port: int)
 
     async def prometheus(_: web.Request) -> web.Response:
         body = metrics.render()
-        extra = await engine.metrics_text(app_port)
-        if extra:
-            body += extra.encode() if extra.endswith("\n") else (extra + "\n").encode()
+        for extra in (await engine.metrics_text(app_port), await app_metrics.text()):
+            if extra:
+                body += extra.encode() if extra.endswith("\n") else (extra + "\n").encode()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
