@@ -162,7 +162,8 @@ def test_unix_socket_is_private_and_removed_and_a_loose_state_dir_is_tightened(t
     sock = tmp_path / "agent.sock"
     log = open(tmp_path / "agent.log", "wb")
     process = subprocess.Popen([*BERTH, "agent", "--listen", f"unix:{sock}", "--state-dir", str(state), "--cache-dir",
-                                str(tmp_path / "cache"), "--runtime", "process"], stdout=log, stderr=log, start_new_session=True)
+                                str(tmp_path / "cache"), "--runtime", "process", "--gateway", "off"], stdout=log, stderr=log,
+                               start_new_session=True)
     try:
         wait_until(lambda: sock.exists() or process.poll() is not None, 30, "the agent's socket")
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600  # uvicorn's own socket is 0666
@@ -187,7 +188,7 @@ def test_tls_listener_serves_the_client_with_the_operators_ca(tmp_path):
     state = tmp_path / "state"
     process = subprocess.Popen([*BERTH, "agent", "--listen", f"127.0.0.1:{port}", "--tls-cert", str(cert), "--tls-key",
                                 str(key), "--state-dir", str(state), "--cache-dir", str(tmp_path / "cache"), "--runtime",
-                                "process"], stdout=log, stderr=log, start_new_session=True)
+                                "process", "--gateway", "off"], stdout=log, stderr=log, start_new_session=True)
     try:
         wait_until(lambda: (tmp_path / "agent.log").read_text().count("(TLS)") or process.poll() is not None, 30, "start")
         env = {**os.environ, "BERTH_AGENT_URL": f"https://127.0.0.1:{port}", "BERTH_AGENT_CA": str(cert),

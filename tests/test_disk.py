@@ -136,7 +136,7 @@ def test_the_policy_comes_from_the_spec() -> None:
             "storage": [
                 {"mount_path": "/scratch", "empty_dir": {"size_limit": "1Gi"}},
                 {"mount_path": "/cache", "empty_dir": {}},
-                {"mount_path": "/dev/shm2", "empty_dir": {"medium": "memory", "size_limit": "1Gi"}},
+                {"mount_path": "/mnt/ram", "empty_dir": {"medium": "memory", "size_limit": "1Gi"}},
             ],
         }
     ).spec
