@@ -122,6 +122,8 @@ class Request:
         if self.expect_continue and not self._continued and not self._complete:
             self._continued = True
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.body_limit is not None and self._size > self.body_limit:
+            raise BodyTooLarge(self.body_limit)  # arrived whole before the limit was set
         while not self._complete:
             if self._failed is not None:
                 raise self._failed
