@@ -48,13 +48,13 @@ def step_round(agent: Agent) -> dict:
         raise SystemExit("deploy failed")
     time.sleep(3)  # a few quiet samples in the window, as a service idling before its load
     endpoints = lambda: agent.service(name)["endpoints"]  # noqa: E731
-    with SteadyLoad(endpoints, path="/work?s=0.5", rate_per_s=1000, workers=8) as load:
+    with SteadyLoad(endpoints, path="/work?s=0.5", rate_per_s=1000, senders=8) as load:
         stepped = time.time()
         ready_count(agent, name, 4, 180)
         ready = time.time()
     first = event_at(agent, name, "ScaledUp", stepped)
     to_four = event_at(agent, name, "ScaledUp", stepped, "-> 4 ")
-    with SteadyLoad(endpoints, path="/", rate_per_s=40, workers=2) as light:
+    with SteadyLoad(endpoints, path="/", rate_per_s=40, senders=2) as light:
         started = time.time()
         ready_count(agent, name, 1, 180)
         scaled_in = time.time() - started

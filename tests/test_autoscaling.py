@@ -137,7 +137,7 @@ def test_concurrency_step_scales_out_to_four_and_back_in_without_a_failed_reques
     assert agent.deploy(spec, "--wait").returncode == 0
     endpoints = lambda: agent.service(name)["endpoints"]  # noqa: E731
     # 8 clients, each with one request in flight at all times: 8 in flight over a threshold of 2 per instance.
-    with SteadyLoad(endpoints, path="/work?s=0.5", rate_per_s=1000, workers=8) as load:
+    with SteadyLoad(endpoints, path="/work?s=0.5", rate_per_s=1000, senders=8) as load:
         stepped = time.monotonic()
         service = ready_count(agent, name, 4, 60)
         took = time.monotonic() - stepped
@@ -154,7 +154,7 @@ def test_concurrency_step_scales_out_to_four_and_back_in_without_a_failed_reques
     assert refused.returncode == 1 and "autoscaler" in refused.stderr, refused.stderr
 
     # Light load through the scale-in: every request answered while three instances drain.
-    with SteadyLoad(endpoints, path="/", rate_per_s=40, workers=2) as light:
+    with SteadyLoad(endpoints, path="/", rate_per_s=40, senders=2) as light:
         ready_count(agent, name, 1, 60)
         time.sleep(0.5)
     assert len(light.outcomes) > 40 and not light.failures(), light.failures()[:3]
@@ -185,12 +185,12 @@ def test_qps_and_cpu_scale(agent):
     assert agent.deploy(scaled_spec(qps, autoscaler("qps", 15, high=3, down_s=1)), "--wait").returncode == 0
     # The scale-down window outlasts the load's dips on a shared machine's 2 cores.
     assert agent.deploy(scaled_spec(cpu, autoscaler("cpu", 40, high=2, down_s=6), cpu=1), "--wait").returncode == 0
-    with SteadyLoad(lambda: agent.service(qps)["endpoints"], path="/", rate_per_s=40, workers=4) as load:
+    with SteadyLoad(lambda: agent.service(qps)["endpoints"], path="/", rate_per_s=40, senders=4) as load:
         service = wait_state(agent, qps, lambda s: s["ready"] >= 2, 60, "qps scale-out")
     assert not load.failures()
     assert "qps" in service["autoscaler"]["decision"]["why"], service["autoscaler"]
     # Two clients keep the single-threaded app spinning: about 100% of its 1-CPU request, over 40% per instance.
-    with SteadyLoad(lambda: agent.service(cpu)["endpoints"], path="/burn?s=0.2", rate_per_s=100, workers=2):
+    with SteadyLoad(lambda: agent.service(cpu)["endpoints"], path="/burn?s=0.2", rate_per_s=100, senders=2):
         service = wait_state(agent, cpu, lambda s: s["ready"] == 2, 60, "cpu scale-out")
     assert any(e["kind"] == "ScaledUp" and "cpu" in e["message"] for e in events(agent, cpu)), service["autoscaler"]
     ready_count(agent, qps, 1, 60)

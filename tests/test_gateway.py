@@ -124,7 +124,7 @@ def test_weight_change_under_load_loses_nothing(backends, gateways):
     table = {"services": {"a": service(a), "b": service(b)},
              "groups": {"chat": {"routes": [{"service": "a", "weight": 90}, {"service": "b", "weight": 10}]}}}
     gateway = gateways(table)
-    with SteadyLoad(lambda: [gateway.url], path="/api/predict/chat/whoami", rate_per_s=200, workers=4) as load:
+    with SteadyLoad(lambda: [gateway.url], path="/api/predict/chat/whoami", rate_per_s=200, senders=4) as load:
         time.sleep(1.5)
         table["groups"]["chat"]["routes"] = [{"service": "a", "weight": 0}, {"service": "b", "weight": 100}]
         gateway.routes(table)

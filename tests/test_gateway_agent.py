@@ -67,7 +67,7 @@ def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
         assert shown["members"] == [two, three] and shown["configured_split_percent"] == {two: 50.0, three: 50.0}
 
         port_two = int(requests.get(f"{gateway}/api/predict/{two}/whoami", timeout=10).text)
-        with SteadyLoad(lambda: [gateway], path="/api/predict/chat/whoami", rate_per_s=100, workers=4) as load:
+        with SteadyLoad(lambda: [gateway], path="/api/predict/chat/whoami", rate_per_s=100, senders=4) as load:
             time.sleep(1.5)
             assert agent.cli("rm", three).returncode == 0  # drain order: out of the table before SIGTERM
             removed = time.monotonic()
