@@ -14,20 +14,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.engine import Engine
 from serving.metrics import Metrics
 from serving.state import BootState
 
 
+log = logging.getLogger("berth.admin")
+
+
 class AppMetrics:
-    """The app's own Prometheus page, scraped at each scrape of ours; off for good once the app answers 404."""
+    """The app's own Prometheus page, scraped at each scrape of ours.
+
+    Off for good once the app answers 404, or answers with something that is not Prometheus
+    text (an app that answers every path alike): re-exported, it would make our whole page
+    unreadable to every scraper.
+    """
 
     def __init__(self, app_port: int, path: str | None) -> None:
+        self.path = path
         self.url = f"http://127.0.0.1:{app_port}{path}" if path else None
         self._session: aiohttp.ClientSession | None = None
 
@@ -41,9 +52,19 @@ class AppMetrics:
                 if response.status == 404:
                     self.url = None  # the app serves no metrics: stop asking
                     return ""
-                return await response.text() if response.status == 200 else ""
-        except (OSError, asyncio.TimeoutError, aiohttp.ClientError):
+                if response.status != 200:
+                    return ""
+                text = await response.text()
+        except (OSError, asyncio.TimeoutError, aiohttp.ClientError, UnicodeDecodeError):
             return ""  # not up yet, or busy: this scrape goes without the app's series
+        try:
+            for _ in text_string_to_metric_families(text):
+                pass
+        except ValueError:
+            log.warning("the app's %s is not Prometheus text; its series are not re-exported", self.path)
+            self.url = None
+            return ""
+        return text
 
     async def close(self) -> None:
         if self._session is not None:

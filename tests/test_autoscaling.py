@@ -301,7 +301,8 @@ def test_gpu_bound_service_stops_at_the_free_gpus_and_gpu_util_scales(tmp_path):
         agent.stop()
 
 
-def test_app_metrics_are_reexported_until_the_app_answers_404(tmp_path):
+def test_app_metrics_are_reexported_until_the_app_answers_404_or_not_prometheus(tmp_path):
+    (tmp_path / "plain").write_text("done\n")  # an app that answers every path with its own text
     with_metrics, without = free_port(), free_port()
     apps = [subprocess.Popen([sys.executable, "-m", "tests.apps.scaleapp", "--port", str(with_metrics)], cwd=ROOT),
             subprocess.Popen([sys.executable, "-m", "http.server", str(without), "--bind", "127.0.0.1"], cwd=tmp_path,
@@ -310,16 +311,18 @@ def test_app_metrics_are_reexported_until_the_app_answers_404(tmp_path):
         for port in (with_metrics, without):
             wait_until(lambda: port_open("127.0.0.1", port), 20, f"app on {port}")
 
-        async def scrape() -> tuple[str, str, str | None]:
-            served, missing = AppMetrics(with_metrics, "/metrics"), AppMetrics(without, "/metrics")
+        async def scrape() -> tuple[str, str, str | None, str, str | None]:
+            served, missing, plain = (AppMetrics(with_metrics, "/metrics"), AppMetrics(without, "/metrics"),
+                                      AppMetrics(without, "/plain"))
             try:
-                return await served.text(), await missing.text(), missing.url
+                return await served.text(), await missing.text(), missing.url, await plain.text(), plain.url
             finally:
-                await served.close()
-                await missing.close()
+                for scraper in (served, missing, plain):
+                    await scraper.close()
 
-        text, nothing, url_after = asyncio.run(scrape())
+        text, nothing, url_after, not_metrics, plain_after = asyncio.run(scrape())
         assert "queue_depth 0.0" in text and nothing == "" and url_after is None  # 404: off for good
+        assert not_metrics == "" and plain_after is None  # not Prometheus text: never re-exported
     finally:
         for app in apps:
             app.terminate()
