@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.resource_tracker
 import os
 import signal
 import time
@@ -54,6 +55,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     run_id = os.environ.get(RUN_MARKER)
     if not run_id or not Path("/proc").is_dir():
         return
+    # multiprocessing's resource tracker (started by generator workers run in this process) is
+    # this runner's own helper that Python stops only at exit: stop it now, as exit would.
+    tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None:
+        stop()
     deadline = time.monotonic() + LEFTOVER_GRACE_S  # a part stopped just now may still be exiting
     while (left := _leftovers(run_id)) and time.monotonic() < deadline:
         time.sleep(0.2)
