@@ -102,11 +102,12 @@ def test_a_service_writing_past_its_disk_limit_is_evicted_and_restarted(agent, p
     assert agent.deploy(spec).returncode == 0
     service = wait_state(agent, name, lambda s: s["instances"][0]["restarts"] >= 1, 60, "evicted and restarted")
     seen = events(agent, name)
-    ready = next(e["at"] for e in seen if e["kind"] == "Ready")
+    started = next(e["at"] for e in seen if e["kind"] == "Started")
     evicted = next(e for e in seen if e["kind"] == "DiskLimitExceeded")
     assert "over the limit of 20.0 MiB" in evicted["message"] and "writable layer" in evicted["message"]
-    # Written before it was Ready, so measured at the latest two eviction periods after (plus one measurement).
-    assert evicted["at"] - ready <= 2 * EVICTION_PERIOD_S + 1, evicted["at"] - ready
+    # Written as it starts (a fraction of a second), then caught by the next housekeeping pass, which
+    # may come before or after the instance is Ready: at the latest two periods plus the write and one measurement.
+    assert evicted["at"] - started <= 2 * EVICTION_PERIOD_S + 3, evicted["at"] - started
     kinds = [e["kind"] for e in seen]
     assert kinds.index("Evicted") < kinds.index("BackOff", kinds.index("Evicted"))
     assert service["instances"][0]["last_exit"]["reason"] == "DiskLimitExceeded"
