@@ -267,7 +267,7 @@ class Gateway:
                     continue
             trace.status = upstream.status  # a tunnel or stream the client ends keeps the status it started with
             try:
-                extra = [(b"X-Berth-Cold-Start", b"%.1f" % held)] if cold else []
+                extra = [(b"X-Berth-Cold-Start", b"%.3f" % held)] if cold else []
                 response = await relay(request, upstream, extra)
             except BaseException:
                 upstream.close()
