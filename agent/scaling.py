@@ -81,8 +81,8 @@ async def scrape_instance(session: aiohttp.ClientSession, admin_endpoint: str) -
 @dataclass
 class GatewayCounts:
     requests_total: int
-    inflight: int
-    held: int
+    inflight: int  # every client request the gateway has not answered yet, held ones included
+    held: int  # of those, the ones waiting for a Ready instance
 
 
 async def gateway_stats(session: aiohttp.ClientSession, admin_url: str) -> dict[str, GatewayCounts]:
@@ -131,12 +131,12 @@ class MetricWindow:
                 values[f"custom[{name}]"] = values.get(f"custom[{name}]", 0.0) + value
         self._last = scrapes
         if gateway is not None:  # the gateway sees every request, held ones too: it replaces the proxies' sum
-            values["concurrency"] = float(gateway.inflight + gateway.held)
+            values["concurrency"] = float(gateway.inflight)
             if self._last_gateway is not None and at > self._last_gateway[0]:
                 served = max(0, gateway.requests_total - self._last_gateway[1])
                 values["qps"] = served / (at - self._last_gateway[0])
                 active = served > 0
-            active = active or gateway.inflight + gateway.held > 0
+            active = active or gateway.inflight > 0
             self._last_gateway = (at, gateway.requests_total)
         if gpu_util is not None:
             values["gpu[util]"] = gpu_util

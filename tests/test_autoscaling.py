@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def test_rates_come_from_each_instances_counters_and_gauges_are_summed():
 def test_with_the_gateway_its_counts_replace_the_proxies_sum_and_held_requests_are_demand():
     window = MetricWindow(window_s=10)
     window.add(0, {}, 1.0, None, GatewayCounts(requests_total=50, inflight=0, held=0))
-    sample = window.add(2, {}, 1.0, None, GatewayCounts(requests_total=50, inflight=0, held=3))
+    # The gateway's in-flight count holds its held requests (the gateway test below shows it): counted once.
+    sample = window.add(2, {}, 1.0, None, GatewayCounts(requests_total=50, inflight=3, held=3))
     assert sample.values["concurrency"] == 3 and sample.values["qps"] == 0 and sample.active  # zero instances, 3 held
     sample = window.add(4, {}, 1.0, None, GatewayCounts(requests_total=90, inflight=2, held=0))
     assert sample.values["qps"] == 20 and sample.values["concurrency"] == 2
@@ -336,10 +338,57 @@ def test_a_request_through_the_gateway_wakes_an_idle_service_and_is_answered(tmp
         spec = scaled_spec(name, autoscaler("concurrency", 5, low=0, high=2, down_s=0, scaleDownGracePeriodSeconds=2))
         assert agent.deploy(spec, "--wait").returncode == 0
         wait_state(agent, name, lambda s: s["state"] == "Idle", 30, "idle")
-        answer = requests.get(f"{agent.gateway_url()}/api/predict/{name}/", timeout=60)
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(requests.get, f"{agent.gateway_url()}/api/predict/{name}/", timeout=60)
+            # While it is held, the gateway counts it in flight and held alike (the autoscaler counts it once).
+            seen: list[dict] = []
+            wait_until(lambda: seen.append(gateway_stats(agent)["services"].get(name, {})) or seen[-1].get("held") == 1,
+                       30, "the request held")
+            assert seen[-1]["inflight"] == 1, seen[-1]
+            answer = sent.result()
         assert answer.status_code == 200 and answer.text == "ok", answer.text
         assert float(answer.headers["X-Berth-Cold-Start"]) > 0, answer.headers
         assert any(e["kind"] == "Activated" for e in events(agent, name))
+    finally:
+        agent.api("DELETE", f"/v1/services/{name}")
+        wait_state_gone(agent, name)
+        agent.stop()
+
+
+def gateway_stats(agent: Agent) -> dict:
+    admin = json.loads((agent.state_dir / "gateway.json").read_text())["admin_url"]
+    return requests.get(f"{admin}/v1/stats", timeout=5).json()
+
+
+def test_with_the_gateway_a_step_through_it_scales_on_the_gateways_counts(tmp_path):
+    agent = start_agent(tmp_path, gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0")
+    name = unique("gwstep")
+    try:
+        # max 6: the count the load asks for (8 in flight over 2 per instance: 4), not the cap.
+        assert agent.deploy(scaled_spec(name, autoscaler("concurrency", 2, high=6, down_s=3)), "--wait").returncode == 0
+        through = f"{agent.gateway_url()}/api/predict/{name}"
+        # Straight to the instance, past the gateway: the gateway's counts are what the autoscaler reads, so no demand.
+        with SteadyLoad(lambda: agent.service(name)["endpoints"], path="/work?s=0.5", rate_per_s=1000, senders=8) as past:
+            time.sleep(3)  # more than the 2 s window, six periods
+            service = agent.service(name)
+        assert len(past.outcomes) > 8 and service["instance"] == 1, service["autoscaler"]
+        assert service["autoscaler"]["metrics"][0]["value"] < 1, service["autoscaler"]
+
+        with SteadyLoad(lambda: [through], path="/work?s=0.5", rate_per_s=1000, senders=8) as load:
+            ready_count(agent, name, 4, 60)
+            time.sleep(2)  # a window more at 8 in flight: 4 stays the count
+            service = agent.service(name)
+        assert not load.failures(), load.failures()[:3]
+        assert service["instance"] == 4 and service["autoscaler"]["decision"]["to"] == 4, service["autoscaler"]
+        scaled_up = [e for e in events(agent, name) if e["kind"] == "ScaledUp"]
+        assert scaled_up and "concurrency" in scaled_up[0]["message"] and "-> 4" in scaled_up[-1]["message"], scaled_up
+        assert gateway_stats(agent)["services"][name]["requests_total"] >= len(load.outcomes)
+
+        with SteadyLoad(lambda: [through], path="/", rate_per_s=40, senders=2) as light:
+            ready_count(agent, name, 1, 60)
+            time.sleep(0.5)
+        assert len(light.outcomes) > 40 and not light.failures(), light.failures()[:3]
+        assert any(e["kind"] == "ScaledDown" and "-> 1" in e["message"] for e in events(agent, name))
     finally:
         agent.api("DELETE", f"/v1/services/{name}")
         wait_state_gone(agent, name)
