@@ -11,7 +11,9 @@ instances of older revisions under the rolling strategy (`max_surge` new beside 
 one drained only once its replacement is Ready; a new one that fails pauses the rollout, old
 ones serving); stop the slots above the desired count (scale-in drains like a rollout: out of
 the endpoints first, then SIGTERM, in-flight requests finish). A newer revision cancels the
-pass under way and starts over (Kubernetes' rollover); a count change waits for it.
+pass under way and starts over (Kubernetes' rollover). A count change applies during a rollout:
+new slots start at once (at the new revision; while the rollout is paused, at the revision that
+still serves), slots above the count are not rolled and stop when the pass ends.
 """
 
 from __future__ import annotations
@@ -101,19 +103,16 @@ class Reconciler:
         if svc.deleting:
             await self._delete(svc)
             return False
-        spec, revision, count = svc.spec, svc.revision, svc.desired
+        revision = svc.revision
         rollout = svc.rollout
         paused = rollout is not None and rollout["state"] == "Paused" and rollout["revision"] == revision
-        if not paused:
-            for slot in range(count):
-                if slot not in svc.instances:
-                    self.lifecycle.start(self.new_instance(svc, slot, spec, revision))
-            stale = [slot for slot in sorted(svc.instances) if slot < count and svc.instances[slot].revision != revision]
-            if stale or svc.surge:
-                if rollout is None or rollout["revision"] != revision or rollout["state"] != "Progressing":
-                    rollout = svc.rollout = self.new_rollout(svc)
-                if not await self._roll(svc, stale):
-                    paused = True
+        self._start_missing(svc, paused)
+        if not paused and (self._stale(svc) or svc.surge):
+            if rollout is None or rollout["revision"] != revision or rollout["state"] != "Progressing":
+                rollout = svc.rollout = self.new_rollout(svc)
+            if not await self._roll(svc):
+                paused = True
+        count = svc.desired  # as it is now: it may have changed during the rollout
         extra = sorted((slot for slot in svc.instances if slot >= count), reverse=True)
         await asyncio.gather(*(self.lifecycle.stop(svc.instances[slot]) for slot in extra))
         for slot in extra:
@@ -124,6 +123,22 @@ class Reconciler:
             self._event("RolloutComplete", f"every instance on revision {revision} in {time.time() - rollout['started']:.1f} s",
                         svc.name, None)
         return True
+
+    def _start_missing(self, svc: Service, paused: bool) -> None:
+        """Start each slot below the desired count that has no instance: at the service's revision,
+        or, while its rollout is paused (the new revision fails), at the revision that still serves."""
+        spec, revision = svc.spec, svc.revision
+        if paused and (serving := sorted((inst for inst in svc.instances.values() if inst.revision != revision),
+                                         key=lambda inst: not inst.ready)):
+            spec, revision = serving[0].spec, serving[0].revision  # a Ready one's, where there is one
+        for slot in range(svc.desired):
+            if slot not in svc.instances:
+                self.lifecycle.start(self.new_instance(svc, slot, spec, revision))
+
+    @staticmethod
+    def _stale(svc: Service) -> list[int]:
+        """The slots below the desired count whose instance runs an older revision."""
+        return [slot for slot in sorted(svc.instances) if slot < svc.desired and svc.instances[slot].revision != svc.revision]
 
     def new_instance(self, svc: Service, slot: int, spec: ServiceSpec, revision: str, *, surge: bool = False) -> Instance:
         """An instance of `svc` in `slot`; a surge instance (a rollout's new one) starts with a clean record."""
@@ -152,26 +167,31 @@ class Reconciler:
         return {"state": "Progressing", "revision": svc.revision, "reason": "", "started": time.time(), "finished": None,
                 "max_surge": surge, "max_unavailable": unavailable}
 
-    async def _roll(self, svc: Service, stale: list[int]) -> bool:
-        """Replace the `stale` slots' instances, `surge` new ones beside the old at a time. False when paused.
+    async def _roll(self, svc: Service) -> bool:
+        """Replace the stale slots' instances, `surge` new ones beside the old at a time. False when paused.
 
         A new instance must be Ready before the old one of its slot is drained (SIGTERM: the
         bootstrap stops reporting ready and keeps serving for its drain delay). `max_unavailable`
-        old instances may go first. A new instance that fails pauses the rollout, old ones serving.
+        old instances may go first. A new instance that fails pauses the rollout, old ones serving
+        (those that went first start again). The stale slots are read before each batch, and new
+        slots start while a batch comes up: the desired count may change during the rollout.
         """
         spec, revision = svc.spec, svc.revision
-        surge, unavailable = self._surge_and_unavailable(svc)
         await asyncio.gather(*(self._retire_surge(svc, inst) for inst in list(svc.surge)))  # an interrupted rollout's
-        while stale:
-            batch, stale = stale[:surge + unavailable], stale[surge + unavailable:]
+        while stale := self._stale(svc):
+            surge, unavailable = self._surge_and_unavailable(svc)
+            batch = stale[:surge + unavailable]
             early = batch[:unavailable]
             await asyncio.gather(*(self.lifecycle.stop(svc.instances[slot]) for slot in early))
             fresh = {slot: self.new_instance(svc, slot, spec, revision, surge=True) for slot in batch}
             for inst in fresh.values():
                 self.lifecycle.start(inst)
-            failure = await self._ready_or_failed(list(fresh.values()))
+            failure = await self._ready_or_failed(list(fresh.values()), meanwhile=lambda: self._start_missing(svc, False))
             if failure is not None:
                 await asyncio.gather(*(self._retire_surge(svc, inst) for inst in fresh.values()))
+                for slot in early:
+                    gone = svc.instances[slot]
+                    self.lifecycle.start(self.new_instance(svc, slot, gone.spec, gone.revision))
                 svc.rollout.update(state="Paused", reason=failure)
                 self._event("RolloutPaused", f"{failure}; old instances keep serving; `berth update --rollback "
                                              f"{svc.name}` returns to the previous revision", svc.name, None)
@@ -191,10 +211,12 @@ class Reconciler:
         if inst in svc.surge:
             svc.surge.remove(inst)
 
-    async def _ready_or_failed(self, fresh: list[Instance]) -> str | None:
-        """Wait until every new instance is Ready; the reason of the first that fails, else None."""
+    async def _ready_or_failed(self, fresh: list[Instance], meanwhile: Callable[[], None]) -> str | None:
+        """Wait until every new instance is Ready (calling `meanwhile` as it polls); the reason of
+        the first that fails, else None."""
         deadline = time.monotonic() + self.rollout_ready_timeout_s
         while not all(inst.ready for inst in fresh):
+            meanwhile()
             for inst in fresh:
                 if inst.state in (State.BACKOFF, State.FAILED, State.EVICTED) or inst.last_exit is not None:
                     tail = inst.last_exit.log_tail[-5:] if inst.last_exit else []

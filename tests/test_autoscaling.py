@@ -393,3 +393,43 @@ def test_with_the_gateway_a_step_through_it_scales_on_the_gateways_counts(tmp_pa
         agent.api("DELETE", f"/v1/services/{name}")
         wait_state_gone(agent, name)
         agent.stop()
+
+
+def test_a_count_change_during_a_rollout_applies_at_once(agent, tmp_path):
+    name = unique("rollscale")
+    assert agent.deploy(scaled_spec(name, instance=2), "--wait").returncode == 0
+    slow = scaled_spec(name, instance=2)
+    slow["containers"][0]["command"] = f"sleep 5 && {APP}"  # each new instance takes 5 s more: a long rollout
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    assert agent.cli("update", name, str(tmp_path / "slow.json")).returncode == 0
+    wait_state(agent, name, lambda s: (s["rollout"] or {}).get("state") == "Progressing", 30, "rollout under way")
+    assert agent.cli("scale", name, "4").returncode == 0
+    done = wait_state(agent, name, lambda s: s["rollout"]["state"] == "Complete" and s["ready"] == 4, 90, "rollout and scale")
+    assert {inst["revision"] for inst in done["instances"]} == {done["revision"]}
+    seen = events(agent, name)
+    complete = next(index for index, e in enumerate(seen) if e["kind"] == "RolloutComplete")
+    started = {e["instance"] for e in seen[:complete] if e["kind"] == "Started"}
+    # The two new slots started while the rollout replaced the first two, not after it.
+    assert {f"{name}-2", f"{name}-3"} <= started, [(e["kind"], e["instance"]) for e in seen]
+
+    assert agent.cli("scale", name, "1", "--wait").returncode == 0
+    assert agent.cli("rm", name).returncode == 0
+
+
+def test_a_count_change_during_a_paused_rollout_runs_the_serving_revision(agent, tmp_path):
+    name = unique("pausescale")
+    assert agent.deploy(scaled_spec(name, instance=2), "--wait").returncode == 0
+    serving = agent.service(name)["revision"]
+    broken = scaled_spec(name, instance=2)
+    broken["containers"][0]["command"] = "echo bad config; exit 3"
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    assert agent.cli("update", name, str(tmp_path / "broken.json"), "--wait").returncode == 1
+    assert agent.service(name)["rollout"]["state"] == "Paused"
+    assert agent.cli("scale", name, "3").returncode == 0
+    service = wait_state(agent, name, lambda s: s["ready"] == 3, 60, "3 Ready while the rollout is paused")
+    assert service["rollout"]["state"] == "Paused" and [i["revision"] for i in service["instances"]] == [serving] * 3, service
+    rolled_back = agent.cli("update", "--rollback", name, "--wait", "--json")
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    restored = json.loads(rolled_back.stdout)  # an update sets the spec's count again, as `kubectl apply` does
+    assert restored["revision"] == serving and restored["rollout"]["state"] == "Complete" and restored["ready"] == 2, restored
+    assert agent.cli("rm", name).returncode == 0
