@@ -124,16 +124,17 @@ class Reconciler:
                         svc.name, None)
         return True
 
-    def _start_missing(self, svc: Service, paused: bool) -> None:
+    def _start_missing(self, svc: Service, paused: bool) -> list[Instance]:
         """Start each slot below the desired count that has no instance: at the service's revision,
         or, while its rollout is paused (the new revision fails), at the revision that still serves."""
         spec, revision = svc.spec, svc.revision
         if paused and (serving := sorted((inst for inst in svc.instances.values() if inst.revision != revision),
                                          key=lambda inst: not inst.ready)):
             spec, revision = serving[0].spec, serving[0].revision  # a Ready one's, where there is one
-        for slot in range(svc.desired):
-            if slot not in svc.instances:
-                self.lifecycle.start(self.new_instance(svc, slot, spec, revision))
+        started = [self.new_instance(svc, slot, spec, revision) for slot in range(svc.desired) if slot not in svc.instances]
+        for inst in started:
+            self.lifecycle.start(inst)
+        return started
 
     @staticmethod
     def _stale(svc: Service) -> list[int]:
@@ -174,9 +175,11 @@ class Reconciler:
         bootstrap stops reporting ready and keeps serving for its drain delay). `max_unavailable`
         old instances may go first. A new instance that fails pauses the rollout, old ones serving
         (those that went first start again). The stale slots are read before each batch, and new
-        slots start while a batch comes up: the desired count may change during the rollout.
+        slots start while a batch comes up: the desired count may change during the rollout. When
+        it pauses, those new slots not yet Ready run the revision that serves instead.
         """
         spec, revision = svc.spec, svc.revision
+        added: list[Instance] = []  # new slots started during the rollout, at its revision
         await asyncio.gather(*(self._retire_surge(svc, inst) for inst in list(svc.surge)))  # an interrupted rollout's
         while stale := self._stale(svc):
             surge, unavailable = self._surge_and_unavailable(svc)
@@ -186,13 +189,20 @@ class Reconciler:
             fresh = {slot: self.new_instance(svc, slot, spec, revision, surge=True) for slot in batch}
             for inst in fresh.values():
                 self.lifecycle.start(inst)
-            failure = await self._ready_or_failed(list(fresh.values()), meanwhile=lambda: self._start_missing(svc, False))
+            failure = await self._ready_or_failed(list(fresh.values()),
+                                                  meanwhile=lambda: added.extend(self._start_missing(svc, False)))
             if failure is not None:
-                await asyncio.gather(*(self._retire_surge(svc, inst) for inst in fresh.values()))
+                unproven = [inst for inst in added if not inst.ready and svc.instances.get(inst.slot) is inst]
+                await asyncio.gather(*(self._retire_surge(svc, inst) for inst in fresh.values()),
+                                     *(self.lifecycle.stop(inst) for inst in unproven))
+                for inst in unproven:
+                    del svc.instances[inst.slot]
+                    self.store.drop_instance(svc.name, inst.slot)
                 for slot in early:
                     gone = svc.instances[slot]
                     self.lifecycle.start(self.new_instance(svc, slot, gone.spec, gone.revision))
                 svc.rollout.update(state="Paused", reason=failure)
+                self._start_missing(svc, paused=True)  # the unproven slots, at the revision that serves
                 self._event("RolloutPaused", f"{failure}; old instances keep serving; `berth update --rollback "
                                              f"{svc.name}` returns to the previous revision", svc.name, None)
                 return False

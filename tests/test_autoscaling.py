@@ -433,3 +433,20 @@ def test_a_count_change_during_a_paused_rollout_runs_the_serving_revision(agent,
     restored = json.loads(rolled_back.stdout)  # an update sets the spec's count again, as `kubectl apply` does
     assert restored["revision"] == serving and restored["rollout"]["state"] == "Complete" and restored["ready"] == 2, restored
     assert agent.cli("rm", name).returncode == 0
+
+
+def test_new_slots_of_a_rollout_that_pauses_run_the_serving_revision(agent, tmp_path):
+    name = unique("pausenew")
+    spec = scaled_spec(name, instance=2)
+    assert agent.deploy(spec, "--wait").returncode == 0
+    serving = agent.service(name)["revision"]
+    failing = json.loads(json.dumps(spec))
+    failing["containers"][0]["command"] = "sleep 4; echo bad config; exit 3"  # fails after the scale below
+    (tmp_path / "failing.json").write_text(json.dumps(failing))
+    assert agent.cli("update", name, str(tmp_path / "failing.json")).returncode == 0
+    wait_state(agent, name, lambda s: (s["rollout"] or {}).get("state") == "Progressing", 30, "rollout under way")
+    assert agent.cli("scale", name, "3").returncode == 0  # slot 2 starts at the new revision, not yet known to fail
+    service = wait_state(agent, name, lambda s: s["rollout"]["state"] == "Paused" and s["ready"] == 3
+                         and [i["revision"] for i in s["instances"]] == [serving] * 3, 60, "3 Ready on the serving revision")
+    assert "bad config" in service["rollout"]["reason"], service["rollout"]
+    assert agent.cli("rm", name).returncode == 0
