@@ -36,11 +36,10 @@ from prometheus_client.utils import floatToGoString
 from agent.gateway_process import ADDRESSES, PIDFILE
 from serving.http import Request, Response
 from serving.metrics import LATENCY_BUCKETS
-from serving.proxy import SMALL_BODY, forwarded_headers
+from serving.proxy import forwarded_headers, relay
 from serving.routing import Backend, Hold, RouteTable, Service, TableError, choose, parse_table, pick, redacted, waiting_requests
 from serving.server import Server, ServerLimits
 from serving.upstream import NotReachable, UpstreamError
-from serving.upstream import Response as UpstreamResponse
 
 log = logging.getLogger("berth.gateway")
 
@@ -440,25 +439,6 @@ class _Collector:
         for (name, outcome), count in sorted(stats.mirror.items()):
             mirror.add_metric([name, outcome], count)
         yield mirror
-
-
-async def relay(request: Request, upstream: UpstreamResponse, extra: list[tuple[bytes, bytes]]) -> Response:
-    """The instance's answer to the client: small ones whole, the rest as produced, upgrades tunnelled."""
-    headers = upstream.headers + extra if extra else upstream.headers
-    if upstream.status == 101 and request.upgrade:
-        upgrade = [pair for pair in upstream.hop_headers if pair[0] in (b"upgrade", b"connection")]
-        response = Response(101, headers=headers + upgrade, reason=upstream.reason)
-        await request.tunnel(response, upstream.upgraded())
-        return response
-    length = upstream.content_length
-    if request.method == "HEAD":
-        await upstream.read()
-        return Response(upstream.status, b"", headers, reason=upstream.reason, length=length)
-    if length is not None and length <= SMALL_BODY:
-        return Response(upstream.status, await upstream.read(), headers, reason=upstream.reason)
-    response = Response(upstream.status, headers=headers, reason=upstream.reason)
-    await request.send_stream(response, upstream.chunks(), length)
-    return response
 
 
 def _authorized(request: Request, token: bytes) -> bool:
