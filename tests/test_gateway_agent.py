@@ -171,3 +171,34 @@ def test_two_instances_under_the_process_runtime_each_on_its_own_port(tmp_path):
             agent.remove_all(None)
         finally:
             agent.stop()
+
+
+def test_a_command_that_ignores_port_fails_its_second_instance_saying_so(tmp_path):
+    """The command binds the spec's port whatever PORT says: one instance serves; the other
+    (whichever lost the race for the port) fails, and its state, events and `berth get` say why."""
+    agent = Agent(tmp_path, runtime="process", gateway="off", env=ENV).start()
+    try:
+        name = unique("hardport")
+        spec = app_spec(name, instance=2)
+        spec_port = spec["containers"][0]["port"]
+        assert agent.deploy(spec).returncode == 0
+
+        def settled(service: dict) -> bool:
+            first, second = sorted(service["instances"], key=lambda inst: inst["id"])
+            return first["ready"] and "PORT" in second["reason"]
+
+        seen = wait_state(agent, name, settled, timeout=90, what="the first instance Ready, the second naming PORT")
+        second = sorted(seen["instances"], key=lambda inst: inst["id"])[1]
+        assert not second["ready"] and second["state"] != "Ready"
+        message = second["last_exit"]["message"]
+        assert "given to the command as PORT" in message and f"spec's port {spec_port}" in message, message
+        shown = agent.cli("get", name)
+        assert shown.returncode == 0 and "given to the command as PORT" in shown.stdout, shown.stdout
+        events = agent.api("GET", f"/v1/events?service={name}&follow=false").text
+        exits = [event for event in map(json.loads, events.splitlines()) if event["kind"] == "Exited" and event["instance"] == second["id"]]
+        assert exits and "given to the command as PORT" in exits[-1]["message"], exits
+    finally:
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
