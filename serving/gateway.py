@@ -462,11 +462,15 @@ def _body(status: int, value: Any) -> Response:
 
 @dataclass
 class AgentLink:
-    """The agent's route stream, acknowledged table by table, and its wake endpoint."""
+    """The agent's route stream, acknowledged table by table, and its wake endpoint.
+
+    Each acknowledgement carries the gateway's own addresses: an agent started before its
+    gateway (`--gateway external`, systemd's order) learns them from it, not from a pidfile."""
 
     url: str
     token: str
     apply: Callable[[dict[str, Any]], None]
+    addresses: dict[str, str] = field(default_factory=dict)  # {"url": ..., "admin_url": ...}
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     _base: str = ""
 
@@ -503,7 +507,7 @@ class AgentLink:
     async def _apply(self, table: dict[str, Any]) -> None:
         self.apply(table)
         session = self._open()
-        async with session.post(f"{self._base}/v1/gateway/ack", json={"version": table.get("version", 0)},
+        async with session.post(f"{self._base}/v1/gateway/ack", json={"version": table.get("version", 0), **self.addresses},
                                 timeout=aiohttp.ClientTimeout(total=2)) as response:
             await response.read()
 
@@ -577,7 +581,7 @@ async def serve(config: GatewayConfig, ready: Callable[[str, str], None] | None 
     if config.routes_file is not None:
         tasks.append(asyncio.create_task(follow_file(gateway, config.routes_file)))
     elif config.agent_url is not None and config.agent_token is not None:
-        gateway.agent = AgentLink(config.agent_url, config.agent_token, gateway.apply)
+        gateway.agent = AgentLink(config.agent_url, config.agent_token, gateway.apply, {"url": url, "admin_url": admin_url})
         tasks.append(asyncio.create_task(gateway.agent.follow()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

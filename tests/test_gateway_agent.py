@@ -4,6 +4,7 @@ routes published and acknowledged, groups, the drain order under load, agent kil
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -12,9 +13,9 @@ from pathlib import Path
 import psutil
 import requests
 
-from tests.harness.agent import Agent, unique, wait_state
+from tests.harness.agent import BERTH, Agent, unique, wait_state
 from tests.harness.load import SteadyLoad
-from tests.harness.parts import free_port
+from tests.harness.parts import free_port, wait_until
 
 SLOWAPP = Path(__file__).parent / "apps" / "slowapp.py"
 # Instances run this checkout's berth boot (the process runtime's own venvs see the agent's installed berth).
@@ -98,6 +99,45 @@ def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
         finally:
             agent.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_external_gateway_started_after_the_agent_serves_and_is_shown(tmp_path):
+    """systemd's order: the agent (`--gateway external`) first, then berth-gateway.service's
+    command; the agent starts none, learns the gateway's address from it, and `berth gateway
+    stop` ends it at once (while its parent, here the test, has not yet collected it)."""
+    agent = Agent(tmp_path, runtime="process", gateway="external", env=ENV).start()
+    gateway = None
+    try:
+        name = unique("ext")
+        assert agent.deploy(app_spec(name, token="ext-token"), "--wait").returncode == 0
+        assert not (agent.state_dir / "gateway.pid").exists()  # the agent started no gateway
+        assert json.loads(agent.cli("get", name, "--json").stdout)["gateway_url"] is None  # none known yet
+        log = open(tmp_path / "external-gateway.log", "ab")
+        gateway = subprocess.Popen([*BERTH, "gateway", "--agent", agent.url, "--token-file", str(agent.state_dir / "token"),
+                                    "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--state-dir", str(agent.state_dir)],
+                                   stdout=log, stderr=log)
+        wait_until(lambda: json.loads(agent.cli("get", name, "--json").stdout)["gateway_url"] is not None, 30,
+                   "the agent knows the external gateway")
+        url = json.loads(agent.cli("get", name, "--json").stdout)["gateway_url"]
+        assert url == f"{agent.gateway_url()}/api/predict/{name}"
+        answer = requests.get(f"{url}/whoami", headers={"Authorization": "Bearer ext-token"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        node = json.loads(agent.cli("node", "--json").stdout)["gateway"]
+        assert node["mode"] == "external" and node["url"] == agent.gateway_url() and node["acked_version"] > 0
+        assert int((agent.state_dir / "gateway.pid").read_text()) == gateway.pid
+        began = time.monotonic()
+        stopped = agent.cli("gateway", "stop", "--state-dir", str(agent.state_dir))
+        assert stopped.returncode == 0, stopped.stderr
+        assert time.monotonic() - began < 10  # not its 35 s SIGKILL timeout
+        assert gateway.wait(timeout=5) == 0 and not (agent.state_dir / "gateway.pid").exists()
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
 
 
 def test_gateway_off_starts_nothing(tmp_path):
