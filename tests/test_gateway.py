@@ -60,6 +60,7 @@ def test_token_paths_and_forwarded_headers(backends, gateways):
         assert seen["headers"]["X-Forwarded-For"] == "127.0.0.1"  # the client's own claim replaced
         assert seen["headers"]["traceparent"] == "00-abc-def-01"
         assert seen["headers"]["X-Forwarded-Proto"] == "http"
+        assert seen["headers"]["X-Forwarded-Host"] == gateway.url.removeprefix("http://")  # the Host the client asked for
     root = gateway.get("/api/predict/hello?q=1", headers={"Authorization": "s3cret-token"})
     assert root.status_code == 200 and root.text == "ok"
     missing = gateway.get("/api/predict/nobody/x")
@@ -72,6 +73,68 @@ def test_token_paths_and_forwarded_headers(backends, gateways):
     assert 'berth_gateway_requests_total{code="401",instance="-",name="hello",service="-"} 2.0' in metrics, metrics
     stats = gateway.admin("/v1/stats").json()["services"]["hello"]
     assert stats["requests_total"] >= 3 and stats["inflight"] == 0 and stats["held"] == 0
+
+
+def test_trust_forwarded_keeps_the_chain_a_proxy_in_front_started(backends, gateways):
+    gateway = gateways({"services": {"hello": service(backends[0])}}, "--trust-forwarded")
+    seen = gateway.get("/api/predict/hello/echo", headers={"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "models.example"}).json()
+    assert seen["headers"]["X-Forwarded-For"] == "6.6.6.6, 127.0.0.1"
+    assert seen["headers"]["X-Forwarded-Host"] == "models.example"
+
+
+def test_the_official_openai_client_works_with_the_gateway_as_base_url(backends, gateways):
+    import openai
+
+    gateway = gateways({"services": {"llm": service(backends[0], token="llm-token")}})
+    client = openai.OpenAI(base_url=f"{gateway.url}/api/predict/llm/v1", api_key="llm-token", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    answer = client.chat.completions.create(model="m", messages=messages)
+    assert answer.choices[0].message.content == "hello from berth"
+    pieces = [chunk.choices[0].delta.content for chunk in client.chat.completions.create(model="m", messages=messages, stream=True)]
+    assert pieces == ["hello", " from", " berth"]  # streamed chunk by chunk
+    wrong = openai.OpenAI(base_url=f"{gateway.url}/api/predict/llm/v1", api_key="not-it", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="m", messages=messages)
+
+
+def test_only_what_never_reached_the_app_is_retried(backends, gateways, tmp_path):
+    """berth boot's own refusal (503 with X-Berth-Reject) goes to another instance; the app's
+    own 503, and a connection the app broke after reading the request, go back as they are."""
+    from tests.apps.runner import Boot
+
+    starting = Boot(tmp_path, app_args=("--start-delay", "60"))
+    try:
+        wait_until(lambda: starting.ready_status() == 503, 20, "berth boot up, its app not ready yet")
+        a, b, c = backends
+        gateway = gateways({"services": {"s": {"instances": [{"id": "starting", "url": starting.proxy}, {"id": "a", "url": a.url}]},
+                                         "own": service(a, b), "broken": service(b, c)}})
+        assert whoami_counts(gateway, "/api/predict/s/whoami", 30) == {a.port: 30}
+        for _ in range(10):
+            own = gateway.get("/api/predict/own/status?code=503")
+            assert own.status_code == 503 and own.text == "the app's own 503"
+        crashed = requests.post(gateway.url + "/api/predict/broken/crash?code=1", timeout=30)
+        assert crashed.status_code == 502, crashed.text
+        assert sum(backend.process.poll() is not None for backend in (b, c)) == 1  # sent once: one instance died
+        retries = re.findall(r'berth_gateway_retries_total\{service="(\w+)"\} ([0-9.]+)', gateway.admin("/metrics").text)
+        assert [name for name, _ in retries] == ["s"], retries
+    finally:
+        starting.close()
+
+
+def test_a_stream_survives_its_instance_leaving_the_routes(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 100}, {"service": "b", "weight": 0}]}}})
+    events = []
+    with requests.get(gateway.url + "/api/predict/chat/stream?n=8&gap=0.4", stream=True, timeout=20) as response:
+        for line in response.iter_lines():
+            if not line.startswith(b"data:"):
+                continue
+            events.append(line)
+            if len(events) == 2:  # mid-stream: its instance leaves the table, the group turns to b
+                gateway.routes({"services": {"b": service(b)}, "groups": {"chat": {"routes": [{"service": "b", "weight": 100}]}}})
+                wait_until(lambda: gateway.get("/api/predict/chat/whoami").text == str(b.port), 5, "the new routes applied")
+    assert len(events) == 9 and events[-1] == b"data: [DONE]", events
 
 
 def test_group_split_80_20(backends, gateways):
