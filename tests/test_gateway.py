@@ -164,6 +164,23 @@ def test_mirror_50_percent_answers_from_primary(backends, gateways):
     assert gateway.admin("/v1/stats").json()["services"]["b"]["requests_total"] == 0  # copies never count as demand
 
 
+def test_no_mirror_copy_to_the_service_a_request_was_sent_to(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 50},
+                                                       {"service": "b", "weight": 50, "mirror_weight": 100}]}}})
+    counts = whoami_counts(gateway, "/api/predict/chat/whoami", 200)
+    assert counts[a.port] and counts[b.port], counts
+
+    def sent() -> float:
+        found = re.search(r'berth_gateway_mirror_requests_total\{outcome="sent",service="b"\} ([0-9.]+)', gateway.admin("/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    wait_until(lambda: sent() >= counts[a.port], 10, "mirror copies counted")
+    time.sleep(0.3)
+    assert sent() == counts[a.port]  # a copy of each request answered by a; none of those b answered itself
+
+
 def test_header_route(backends, gateways):
     a, b = backends[:2]
     gateway = gateways({"services": {"a": service(a), "b": service(b)},

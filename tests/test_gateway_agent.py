@@ -54,6 +54,15 @@ def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
         assert clash.returncode == 2 and "name" in clash.stderr and "service's name" in clash.stderr
         unknown = agent.cli("group", "apply", "-", stdin=json.dumps({"name": "g2", "routes": [{"service": "nope"}]}))
         assert unknown.returncode == 2 and "routes[0].service" in unknown.stderr
+        tokenless = agent.cli("group", "apply", "-", stdin=json.dumps({"name": "solo", "routes": [{"service": secret}]}))
+        assert tokenless.returncode == 2 and "needs one of its own" in tokenless.stderr, tokenless.stderr
+        solo = {"name": "solo", "token": "solo-token", "routes": [{"service": secret}]}
+        assert agent.cli("group", "apply", "-", stdin=json.dumps(solo)).returncode == 0
+        wait_until(lambda: requests.get(f"{gateway}/api/predict/solo/whoami", headers={"Authorization": "solo-token"},
+                                        timeout=10).status_code == 200, 10, "the group served")
+        assert agent.cli("group", "rm", "solo").returncode == 0
+        wait_until(lambda: requests.get(f"{gateway}/api/predict/solo/whoami", timeout=10).status_code == 404, 10, "the group gone")
+        assert agent.cli("group", "get", "solo").returncode != 0
         taken = agent.deploy(app_spec("chat"))
         assert taken.returncode == 2 and "metadata.name" in taken.stderr
 
