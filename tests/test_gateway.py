@@ -71,6 +71,7 @@ def test_token_paths_and_forwarded_headers(backends, gateways):
     assert "s3cret-token" not in routes and "***" in routes
     assert "s3cret-token" not in metrics and "s3cret-token" not in gateway.log_path.read_text()
     assert 'berth_gateway_requests_total{code="401",instance="-",name="hello",service="-"} 2.0' in metrics, metrics
+    assert re.search(r'berth_gateway_request_duration_seconds_count\{name="hello",service="hello"\} [2-9]', metrics), metrics
     stats = gateway.admin("/v1/stats").json()["services"]["hello"]
     assert stats["requests_total"] >= 3 and stats["inflight"] == 0 and stats["held"] == 0
 

@@ -149,6 +149,31 @@ def test_an_external_gateway_started_after_the_agent_serves_and_is_shown(tmp_pat
             agent.stop()
 
 
+def test_a_stale_pidfile_naming_another_process_is_not_taken_for_the_gateway(tmp_path):
+    """After a reboot the pidfile's PID may belong to anything: the agent starts its own gateway
+    and leaves that process alone."""
+    other = subprocess.Popen(["sleep", "120"])
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "gateway.pid").write_text(f"{other.pid}\n")
+        (state / "gateway.json").write_text(json.dumps({"pid": other.pid, "url": "http://127.0.0.1:1", "admin_url": "http://127.0.0.1:2"}))
+        agent = Agent(tmp_path, runtime="process", gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0", env=ENV).start()
+        try:
+            pid = int((state / "gateway.pid").read_text())
+            assert pid != other.pid and "gateway" in psutil.Process(pid).cmdline()
+            node = json.loads(agent.cli("node", "--json").stdout)["gateway"]
+            assert node["url"] == agent.gateway_url() != "http://127.0.0.1:1"
+            missing = requests.get(f"{node['url']}/api/predict/nothing-here", timeout=10)
+            assert missing.status_code == 404 and "nothing-here" in missing.json()["error"]
+        finally:
+            agent.stop()
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_gateway_off_starts_nothing(tmp_path):
     agent = Agent(tmp_path, runtime="process", gateway="off", env=ENV).start()
     try:
