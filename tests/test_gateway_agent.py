@@ -77,6 +77,14 @@ def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
         assert shown["members"] == [two, three] and shown["configured_split_percent"] == {two: 50.0, three: 50.0}
 
         port_two = int(requests.get(f"{gateway}/api/predict/{two}/whoami", timeout=10).text)
+        streamed: list[bytes] = []
+
+        def stream() -> None:  # a long answer in flight across the removal, the agent's kill -9 and its restart
+            with requests.get(f"{gateway}/api/predict/{two}/stream?n=14&gap=0.5", stream=True, timeout=30) as response:
+                streamed.extend(line for line in response.iter_lines() if line.startswith(b"data:"))
+
+        reader = threading.Thread(target=stream)
+        reader.start()
         with SteadyLoad(lambda: [gateway], path="/api/predict/chat/whoami", rate_per_s=100, senders=4) as load:
             time.sleep(1.5)
             assert agent.cli("rm", three).returncode == 0  # drain order: out of the table before SIGTERM
@@ -86,7 +94,9 @@ def test_gateway_routes_groups_drain_and_agent_restart(tmp_path):
             time.sleep(1.5)  # the gateway serves on from its last table
             agent = Agent(tmp_path, port=agent.port, runtime="process", gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0", env=ENV).start()
             time.sleep(1.5)
+        reader.join(30)
         assert load.outcomes and not load.failures(), load.failures()[:5]
+        assert len(streamed) == 15 and streamed[-1] == b"data: [DONE]", streamed
         assert {o.detail for o in load.outcomes if o.at > removed} == {str(port_two)}
         assert int((agent.state_dir / "gateway.pid").read_text()) == pid  # found again, not started twice
         assert agent.gateway_url() == gateway
