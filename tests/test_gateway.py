@@ -287,6 +287,44 @@ def test_two_random_choices_prefer_the_less_loaded_and_idle_vllm():
     assert pick([busy], exclude=busy) is None and pick([busy, idle], exclude=busy) is idle
 
 
+def test_a_vllm_instance_with_requests_waiting_loses_to_one_without(backends, gateways):
+    """The gateway reads each vLLM instance's admin /metrics (every 100 ms): one with
+    vllm:num_requests_waiting above zero gets no request while the other has none waiting."""
+    import http.server
+
+    waiting = {}
+
+    class Admin(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f'vllm:num_requests_waiting{{model_name="m"}} {waiting[self.server.server_port]}\n'.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    admins = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Admin) for _ in range(2)]
+    for admin in admins:
+        threading.Thread(target=admin.serve_forever, daemon=True).start()
+    try:
+        a, b = backends[:2]
+        waiting.update({admins[0].server_port: 3, admins[1].server_port: 0})
+        gateway = gateways({"services": {"llm": {"engine": "vllm", "instances": [
+            {"id": "a", "url": a.url, "admin": f"http://127.0.0.1:{admins[0].server_port}"},
+            {"id": "b", "url": b.url, "admin": f"http://127.0.0.1:{admins[1].server_port}"}]}}})
+        time.sleep(1.0)  # several reads of both admin pages
+        assert whoami_counts(gateway, "/api/predict/llm/whoami", 40) == {b.port: 40}
+        waiting.update({admins[0].server_port: 0, admins[1].server_port: 5})
+        time.sleep(1.0)
+        assert whoami_counts(gateway, "/api/predict/llm/whoami", 40) == {a.port: 40}
+    finally:
+        for admin in admins:
+            admin.shutdown()
+            admin.server_close()
+
+
 def test_websocket_is_tunnelled_and_the_access_log_has_a_line_per_request(backends, gateways, tmp_path):
     import asyncio
     import json
