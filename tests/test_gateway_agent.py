@@ -4,6 +4,8 @@ routes published and acknowledged, groups, the drain order under load, agent kil
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -182,6 +184,30 @@ def test_a_stale_pidfile_naming_another_process_is_not_taken_for_the_gateway(tmp
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_gateway_that_does_not_acknowledge_holds_a_removal_at_most_2_s(tmp_path):
+    agent = Agent(tmp_path, runtime="process", gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0", env=ENV).start()
+    pid = int((agent.state_dir / "gateway.pid").read_text())
+    try:
+        name = unique("noack")
+        assert agent.deploy(app_spec(name), "--wait").returncode == 0
+        wait_until(lambda: json.loads(agent.cli("node", "--json").stdout)["gateway"]["acked_version"] > 0, 10, "an ack")
+        os.kill(pid, signal.SIGSTOP)  # follows the routes (its stream is open) but acknowledges nothing
+        try:
+            began = time.monotonic()
+            removed = agent.cli("rm", name)
+            took = time.monotonic() - began
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert removed.returncode == 0, removed.stderr
+        assert 2.0 <= took < 10, took  # the 2 s wait for the ack, then the stop as usual
+        assert "did not acknowledge routes version" in (tmp_path / "agent.log").read_text()
+    finally:
+        try:
+            agent.remove_all(None)
+        finally:
+            agent.stop()
 
 
 def test_gateway_off_starts_nothing(tmp_path):
