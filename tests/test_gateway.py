@@ -223,6 +223,8 @@ def test_held_request_answered_when_an_instance_appears(backends, gateways):
     thread = threading.Thread(target=lambda: answers.append(gateway.get("/api/predict/later/whoami")))
     thread.start()
     wait_until(lambda: gateway.admin("/v1/stats").json()["services"]["later"]["held"] == 1, 10, "request held")
+    metrics = gateway.admin("/metrics").text
+    assert 'berth_gateway_held_requests{service="later"} 1.0' in metrics and 'berth_gateway_inflight_requests{service="later"} 1.0' in metrics, metrics
     gateway.routes({"services": {"later": service(a), "never": {"instances": [], "timeout_s": 1}}})
     thread.join(10)
     assert answers and answers[0].status_code == 200 and answers[0].text == str(a.port)
