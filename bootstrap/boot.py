@@ -212,11 +212,15 @@ class Boot:
         if not advice:
             return check
         spec_port, child_pid = self.config.spec.container.port, self.child.pid
+        looked = 0.0
 
         async def on_port() -> str | None:
+            nonlocal looked
             reason = await check()
-            if reason is not None and probes.child_listens(spec_port, child_pid):
-                raise StartupFailed(f"the child listens on port {spec_port}, not on its PORT {self.config.app_port} ({advice})")
+            if reason is not None and time.monotonic() - looked >= 1.0:  # /proc scans once a second, not every probe
+                looked = time.monotonic()
+                if probes.child_listens(spec_port, child_pid):
+                    raise StartupFailed(f"the child listens on port {spec_port}, not on its PORT {self.config.app_port} ({advice})")
             return reason
 
         return on_port
