@@ -256,6 +256,10 @@ def test_connection_refused_is_retried_on_another_instance(backends, gateways):
     gateway = gateways({"services": {"s": {"instances": [{"id": "dead", "url": dead}, {"id": "alive", "url": backends[0].url}]}}})
     counts = whoami_counts(gateway, "/api/predict/s/whoami", 50)
     assert counts == {backends[0].port: 50}
+    body = b"x" * 900_000  # kept for the retry: bodies up to the 1 MB limit
+    for _ in range(10):
+        echoed = requests.post(gateway.url + "/api/predict/s/echo", data=body, timeout=30)
+        assert echoed.status_code == 200 and echoed.json()["body_length"] == len(body), echoed.text
     assert re.search(r'berth_gateway_retries_total\{service="s"\} [1-9]', gateway.admin("/metrics").text)
 
 
