@@ -118,7 +118,9 @@ class Boot:
         finally:
             await self._close()
         self.state.finish(code)
-        log.info("exit code %d", code)
+        # The last line of the log says why: a runtime that knows only the log's tail (Docker) shows it.
+        why = (self.state.last_error or "").partition("\n")[0] if code else ""
+        log.info("exit code %d%s", code, f": {why}" if why else "")
         return code
 
     async def _lifecycle(self) -> int:
@@ -317,7 +319,7 @@ class Boot:
         message = f"the child {describe_exit(returncode)} during {phase}"
         if self._port_advice() and phase == State.LAUNCHING.value:
             message += f" ({self._port_advice()})"
-        return self._fail(self._exit_code(returncode), message + (f"; its last output:\n{tail}" if tail else ""))
+        return self._fail(self._exit_code(returncode), message + (f"\nits last output:\n{tail}" if tail else ""))
 
     def _fail(self, code: int, message: str) -> int:
         log.error("%s", message)
