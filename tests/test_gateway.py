@@ -182,6 +182,29 @@ def test_no_mirror_copy_to_the_service_a_request_was_sent_to(backends, gateways)
     assert sent() == counts[a.port]  # a copy of each request answered by a; none of those b answered itself
 
 
+def test_mirror_copies_in_flight_are_bounded_and_the_rest_dropped_and_counted(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 100},
+                                                       {"service": "b", "weight": 0, "mirror_weight": 100}]}}},
+                       "--mirror-inflight", "1")
+    answers: list[int] = []
+    clients = [threading.Thread(target=lambda: answers.append(gateway.get("/api/predict/chat/slow?s=1").status_code))
+               for _ in range(4)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(20)
+    assert answers == [200] * 4  # every client answered, by the primary, whatever became of its copy
+
+    def outcomes() -> dict[str, float]:
+        found = re.findall(r'berth_gateway_mirror_requests_total\{outcome="(\w+)",service="b"\} ([0-9.]+)', gateway.admin("/metrics").text)
+        return {outcome: float(value) for outcome, value in found}
+
+    wait_until(lambda: sum(outcomes().values()) == 4, 10, "every copy counted")
+    assert outcomes().get("dropped", 0) >= 1 and outcomes().get("sent", 0) >= 1, outcomes()
+
+
 def test_header_route(backends, gateways):
     a, b = backends[:2]
     gateway = gateways({"services": {"a": service(a), "b": service(b)},
