@@ -105,6 +105,19 @@ def test_secrets_reach_the_instance_as_files_never_in_the_spec_env_or_labels(tmp
     assert request.argv == ["berth", "boot", "--", "sh", "-c", "python app.py"]
 
 
+def test_with_the_gateway_on_instances_drain_1_s_and_later_ones_get_their_own_port(tmp_path: Path):
+    spec = spec_of(**{"containers.0.port": 8500})
+    on = load_config(None, {"state_dir": str(tmp_path)}, environ={})
+    first, second = (build_request(spec, revision(spec), slot, on, gpus=[], host_ports=True) for slot in (0, 1))
+    assert first.env["BERTH_DRAIN_DELAY"] == "1"  # the drain order keeps the gateway's clients off; 1 s is for direct ones
+    assert "BERTH_PORT" not in first.env  # the first instance keeps the spec's port
+    assert int(second.env["BERTH_PORT"]) not in (0, 8500)
+    off = load_config(None, {"state_dir": str(tmp_path), "gateway": "off"}, environ={})
+    assert "BERTH_DRAIN_DELAY" not in build_request(spec, revision(spec), 0, off, gpus=[], host_ports=False).env  # berth boot's 5 s
+    operator = load_config(None, {"state_dir": str(tmp_path), "env": {"BERTH_DRAIN_DELAY": "3"}}, environ={})
+    assert build_request(spec, revision(spec), 0, operator, gpus=[], host_ports=False).env["BERTH_DRAIN_DELAY"] == "3"
+
+
 def test_off_loopback_listening_needs_tls_or_consent(tmp_path: Path):
     for listen in ("127.0.0.1:7070", "[::1]:7070", "localhost:7070", "unix:/run/berth.sock"):
         load_config(None, {"listen": listen}, environ={})
