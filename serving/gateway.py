@@ -37,6 +37,7 @@ from agent.gateway_process import ADDRESSES, PIDFILE
 from serving.http import Request, Response
 from serving.metrics import LATENCY_BUCKETS
 from serving.proxy import forwarded_headers, relay
+from bootstrap.jsonfile import read_json_object
 from serving.routing import Backend, Hold, RouteTable, Service, TableError, choose, parse_table, pick, redacted, waiting_requests
 from serving.server import Server, ServerLimits
 from serving.upstream import NotReachable, UpstreamError
@@ -535,15 +536,7 @@ def _safe(exc: BaseException) -> str:
 
 
 def read_routes_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise TableError(f"{path}: cannot read the routes file: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise TableError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(data, dict):
-        raise TableError(f"{path}: a routes file is a JSON object with services and groups")
-    return data
+    return read_json_object(path, "the routes file (services and groups)", error=TableError)
 
 
 async def follow_file(gateway: Gateway, path: Path, period: float = 0.5) -> None:

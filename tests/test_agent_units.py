@@ -63,6 +63,21 @@ def test_config_errors_name_the_field(tmp_path: Path):
     assert str(path) in message and "timings.backoff_max_s" in message and "listen" in message
 
 
+@pytest.mark.parametrize("content, expected", [
+    (None, "cannot read the agent config: No such file or directory"),
+    (b'{"listen": ', "not valid JSON: Expecting value at line 1"),
+    (b"[1, 2]", "the agent config must be a JSON object"),
+    (b'{"listen": "\xff"}', "not UTF-8 text"),
+])
+def test_an_unreadable_config_file_is_named_with_what_is_wrong(tmp_path: Path, content: bytes | None, expected: str):
+    path = tmp_path / "agent.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError) as caught:
+        load_config(path, {}, environ={})
+    assert str(caught.value).startswith(f"{path}: {expected}"), caught.value
+
+
 def test_image_names_resolve_as_docker_does():
     assert str(resolve("python")) == "library/python:latest"
     assert resolve("python").registry == "docker.io"
