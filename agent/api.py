@@ -235,14 +235,19 @@ def create_app(supervisor: Supervisor, token: str) -> FastAPI:
 
     @app.post("/v1/gateway/ack", dependencies=auth)
     async def gateway_ack(request: Request) -> dict:
-        """The gateway applied table `version` (the agent waits for this before stopping an instance)."""
+        """The gateway applied table `version` (the agent waits for this before stopping an instance);
+        `url` and `admin_url`, when sent, are the gateway's addresses (`berth get`, `berth node`, the autoscaler)."""
         try:
-            version = json.loads(await request.body())["version"]
+            body = json.loads(await request.body())
+            version = body["version"]
         except (ValueError, KeyError, TypeError):
-            version = None
+            body, version = {}, None
         if not isinstance(version, int) or isinstance(version, bool):
             raise HTTPException(422, 'send {"version": N}, N the version of the table applied')
         routes.ack(version)
+        url, admin_url = body.get("url"), body.get("admin_url")
+        if isinstance(url, str) and isinstance(admin_url, str) and url.startswith("http") and admin_url.startswith("http"):
+            routes.gateway_url, routes.gateway_admin_url = url, admin_url
         return {"acked": routes.acked}
 
     async def observed_split(name: str) -> dict[str, float]:

@@ -532,6 +532,8 @@ def run_get(args: argparse.Namespace) -> int:
     for inst in service["instances"]:
         if inst.get("cold_start"):
             print(f"{inst['id']} cold start: {summary(inst['cold_start'])}")
+        if inst["last_exit"] and inst["last_exit"]["message"]:
+            print(f"{inst['id']} last exit: {inst['last_exit']['message']}")
     return 0
 
 

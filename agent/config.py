@@ -8,7 +8,6 @@ and an operator can tune each one. Defaults follow the kubelet and Nomad's Docke
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.imagegc import DEFAULT_HIGH_THRESHOLD_PERCENT, DEFAULT_LOW_THRESHOLD_PERCENT, DEFAULT_MIN_AGE_S, ImageGcPolicy
 from agent.logs import DEFAULT_LOG_MAX_FILES, DEFAULT_LOG_MAX_SIZE_BYTES
 from bootstrap.errors import UsageError
+from bootstrap.jsonfile import read_json_object
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
 DEFAULT_STATE_DIR = Path("/var/lib/berth")
@@ -222,14 +222,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any], environ: Mappin
     source = "flags"
     if path is not None:
         source = str(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read the agent config: {exc.strerror or exc}") from None
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"{path}: the agent config must be a JSON object")
+        data = read_json_object(path, "the agent config")
     for name in SCALAR_FIELDS:
         if (value := environ.get(ENV_PREFIX + name.upper())) is not None:
             data[name] = value

@@ -9,6 +9,7 @@ finds it and starts no second one; `berth gateway stop` ends it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -80,12 +81,21 @@ def stop(state_dir: Path, timeout: float = 35.0) -> int | None:
     if running is None:
         return None
     os.kill(running.pid, signal.SIGTERM)
-    try:
-        psutil.Process(running.pid).wait(timeout)
-    except psutil.TimeoutExpired:
-        os.kill(running.pid, signal.SIGKILL)
-    except psutil.NoSuchProcess:
-        pass
+    deadline = time.monotonic() + timeout
+    while not _ended(running.pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):  # it ended just now
+                os.kill(running.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
     for name in (PIDFILE, ADDRESSES):
         (state_dir / name).unlink(missing_ok=True)
     return running.pid
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie: it has exited, and only its parent (an agent that started it) has yet to collect it."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

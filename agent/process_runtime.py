@@ -197,10 +197,12 @@ class ProcessRuntime:
         )
 
     def _exit_info(self, record: dict) -> ExitInfo:
-        code = None
+        code, message = None, ""
         try:
             status = json.loads(Path(record["status"]).read_text())
             code = status.get("exit_code")
+            # berth boot's own account of the failure; its first line (the child's output follows).
+            message = (status.get("last_error") or "").partition("\n")[0] if code else ""
         except (OSError, json.JSONDecodeError):
             pass
         with self._lock:
@@ -209,7 +211,7 @@ class ProcessRuntime:
             code = child.returncode if child.returncode >= 0 else 128 - child.returncode
         reason = "Completed" if code == 0 else ("Error" if code is not None else "Unknown")
         at = Path(record["status"]).stat().st_mtime if Path(record["status"]).exists() else time.time()
-        return ExitInfo(code=code, reason=reason, at=at, log_tail=self._tail(record))
+        return ExitInfo(code=code, reason=reason, at=at, message=message, log_tail=self._tail(record))
 
     def _tail(self, record: dict) -> list[str]:
         lines = self._config.timings.exit_log_lines

@@ -118,7 +118,9 @@ class Boot:
         finally:
             await self._close()
         self.state.finish(code)
-        log.info("exit code %d", code)
+        # The last line of the log says why: a runtime that knows only the log's tail (Docker) shows it.
+        why = (self.state.last_error or "").partition("\n")[0] if code else ""
+        log.info("exit code %d%s", code, f": {why}" if why else "")
         return code
 
     async def _lifecycle(self) -> int:
@@ -190,11 +192,40 @@ class Boot:
                 for probe in gates:
                     if probe is not None and probe.initial_delay_seconds:
                         await asyncio.sleep(probe.initial_delay_seconds)
-                    check = probes.check_for(probe, self.config.app_port, child_pid=self.child.pid)
+                    check = self._on_port_or_fail(probes.check_for(probe, self.config.app_port, child_pid=self.child.pid))
                     successes = probe.success_threshold if probe else 1
                     await probes.ProbeLoop(check, self.config.probe_interval, successes).until_passing()
         except TimeoutError:
-            raise StartupFailed(f"the child did not pass its startup check within {timeout:g} s (--startup-timeout)") from None
+            advice = f" ({self._port_advice()})" if self._port_advice() else ""
+            raise StartupFailed(f"the child did not pass its startup check within {timeout:g} s (--startup-timeout){advice}") from None
+
+    def _port_advice(self) -> str:
+        """For an instance given its own port (not the spec's): what a command that ignores PORT does."""
+        spec = self.config.spec
+        if spec is None or self.config.app_port == spec.container.port:
+            return ""
+        return (f"this instance's port is {self.config.app_port}, given to the command as PORT; a command that binds the "
+                f"spec's port {spec.container.port} instead cannot run a second instance on this host")
+
+    def _on_port_or_fail(self, check: probes.Check) -> probes.Check:
+        """`check`, failing the start at once when the child listens on the spec's port instead
+        of its own: it took the port another instance needs, and would never pass."""
+        advice = self._port_advice()
+        if not advice:
+            return check
+        spec_port, child_pid = self.config.spec.container.port, self.child.pid
+        looked = 0.0
+
+        async def on_port() -> str | None:
+            nonlocal looked
+            reason = await check()
+            if reason is not None and time.monotonic() - looked >= 1.0:  # /proc scans once a second, not every probe
+                looked = time.monotonic()
+                if probes.child_listens(spec_port, child_pid):
+                    raise StartupFailed(f"the child listens on port {spec_port}, not on its PORT {self.config.app_port} ({advice})")
+            return reason
+
+        return on_port
 
     async def _warm(self) -> None:
         try:
@@ -286,11 +317,9 @@ class Boot:
         phase = self.state.state.value
         tail = self.child.tail.text()
         message = f"the child {describe_exit(returncode)} during {phase}"
-        spec = self.config.spec
-        if spec is not None and self.config.app_port != spec.container.port and phase == State.LAUNCHING.value:
-            message += (f" (this instance's port is {self.config.app_port}, given to the command as PORT; a command that "
-                        f"binds the spec's port {spec.container.port} instead cannot run a second instance on this host)")
-        return self._fail(self._exit_code(returncode), message + (f"; its last output:\n{tail}" if tail else ""))
+        if self._port_advice() and phase == State.LAUNCHING.value:
+            message += f" ({self._port_advice()})"
+        return self._fail(self._exit_code(returncode), message + (f"\nits last output:\n{tail}" if tail else ""))
 
     def _fail(self, code: int, message: str) -> int:
         log.error("%s", message)

@@ -178,18 +178,28 @@ def port_in_use(port: int) -> str | None:
             f"(containers[].port)")
 
 
+def _tree_inodes(child_pid: int) -> set[int]:
+    """The socket inodes the child and its descendants hold."""
+    try:
+        root = psutil.Process(child_pid)
+        tree = [root.pid, *(proc.pid for proc in root.children(recursive=True))]
+    except psutil.Error:
+        return set()
+    return set().union(*(_socket_inodes(pid) for pid in tree))
+
+
+def child_listens(port: int, child_pid: int) -> bool:
+    """Whether the child or one of its descendants listens on `port`."""
+    inodes = _listening_inodes(port)
+    return bool(inodes and inodes & _tree_inodes(child_pid))
+
+
 def foreign_listener(port: int, child_pid: int) -> str | None:
     """Why the listener on `port` is not the child's, or None when the child's tree holds it."""
     inodes = _listening_inodes(port)
     if not inodes:
         return None  # nothing to tell (no /proc): the answer itself is all we know
-    try:
-        root = psutil.Process(child_pid)
-        tree = [root.pid, *(proc.pid for proc in root.children(recursive=True))]
-    except psutil.Error:
-        tree = []
-    for pid in tree:
-        inodes -= _socket_inodes(pid)
+    inodes -= _tree_inodes(child_pid)
     if not inodes:
         return None
     who = ", ".join(_describe(pid) for pid in _holders(inodes)) or "a process berth may not inspect"

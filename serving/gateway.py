@@ -36,11 +36,11 @@ from prometheus_client.utils import floatToGoString
 from agent.gateway_process import ADDRESSES, PIDFILE
 from serving.http import Request, Response
 from serving.metrics import LATENCY_BUCKETS
-from serving.proxy import SMALL_BODY, forwarded_headers
+from serving.proxy import forwarded_headers, relay
+from bootstrap.jsonfile import read_json_object
 from serving.routing import Backend, Hold, RouteTable, Service, TableError, choose, parse_table, pick, redacted, waiting_requests
 from serving.server import Server, ServerLimits
 from serving.upstream import NotReachable, UpstreamError
-from serving.upstream import Response as UpstreamResponse
 
 log = logging.getLogger("berth.gateway")
 
@@ -442,25 +442,6 @@ class _Collector:
         yield mirror
 
 
-async def relay(request: Request, upstream: UpstreamResponse, extra: list[tuple[bytes, bytes]]) -> Response:
-    """The instance's answer to the client: small ones whole, the rest as produced, upgrades tunnelled."""
-    headers = upstream.headers + extra if extra else upstream.headers
-    if upstream.status == 101 and request.upgrade:
-        upgrade = [pair for pair in upstream.hop_headers if pair[0] in (b"upgrade", b"connection")]
-        response = Response(101, headers=headers + upgrade, reason=upstream.reason)
-        await request.tunnel(response, upstream.upgraded())
-        return response
-    length = upstream.content_length
-    if request.method == "HEAD":
-        await upstream.read()
-        return Response(upstream.status, b"", headers, reason=upstream.reason, length=length)
-    if length is not None and length <= SMALL_BODY:
-        return Response(upstream.status, await upstream.read(), headers, reason=upstream.reason)
-    response = Response(upstream.status, headers=headers, reason=upstream.reason)
-    await request.send_stream(response, upstream.chunks(), length)
-    return response
-
-
 def _authorized(request: Request, token: bytes) -> bool:
     """`Authorization: <token>` or `Bearer <token>`, compared in constant time."""
     value = (request.header(b"authorization") or b"").strip()
@@ -482,11 +463,15 @@ def _body(status: int, value: Any) -> Response:
 
 @dataclass
 class AgentLink:
-    """The agent's route stream, acknowledged table by table, and its wake endpoint."""
+    """The agent's route stream, acknowledged table by table, and its wake endpoint.
+
+    Each acknowledgement carries the gateway's own addresses: an agent started before its
+    gateway (`--gateway external`, systemd's order) learns them from it, not from a pidfile."""
 
     url: str
     token: str
     apply: Callable[[dict[str, Any]], None]
+    addresses: dict[str, str] = field(default_factory=dict)  # {"url": ..., "admin_url": ...}
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     _base: str = ""
 
@@ -523,7 +508,7 @@ class AgentLink:
     async def _apply(self, table: dict[str, Any]) -> None:
         self.apply(table)
         session = self._open()
-        async with session.post(f"{self._base}/v1/gateway/ack", json={"version": table.get("version", 0)},
+        async with session.post(f"{self._base}/v1/gateway/ack", json={"version": table.get("version", 0), **self.addresses},
                                 timeout=aiohttp.ClientTimeout(total=2)) as response:
             await response.read()
 
@@ -551,15 +536,7 @@ def _safe(exc: BaseException) -> str:
 
 
 def read_routes_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise TableError(f"{path}: cannot read the routes file: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise TableError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(data, dict):
-        raise TableError(f"{path}: a routes file is a JSON object with services and groups")
-    return data
+    return read_json_object(path, "the routes file (services and groups)", error=TableError)
 
 
 async def follow_file(gateway: Gateway, path: Path, period: float = 0.5) -> None:
@@ -597,7 +574,7 @@ async def serve(config: GatewayConfig, ready: Callable[[str, str], None] | None 
     if config.routes_file is not None:
         tasks.append(asyncio.create_task(follow_file(gateway, config.routes_file)))
     elif config.agent_url is not None and config.agent_token is not None:
-        gateway.agent = AgentLink(config.agent_url, config.agent_token, gateway.apply)
+        gateway.agent = AgentLink(config.agent_url, config.agent_token, gateway.apply, {"url": url, "admin_url": admin_url})
         tasks.append(asyncio.create_task(gateway.agent.follow()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

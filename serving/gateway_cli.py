@@ -43,6 +43,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                          help="how long a request waits for a Ready instance (default 300, Knative's request timeout)")
     gateway.add_argument("--hold-queue", type=int, default=1000, metavar="N",
                          help="requests held at once; beyond, 503 at once (default 1000)")
+    gateway.add_argument("--mirror-inflight", type=int, default=100, metavar="N",
+                         help="mirror copies in flight at once; beyond, copies are dropped and counted (default 100)")
     gateway.add_argument("--trust-forwarded", action="store_true",
                          help="keep a client's X-Forwarded-For (behind a proxy you run); by default it is replaced")
     gateway.add_argument("--access-log", type=Path, metavar="FILE", help="append one JSON line per request")
@@ -73,12 +75,13 @@ def run_gateway(args: argparse.Namespace) -> int:
             token = args.token_file.read_text().strip()
         except OSError as exc:
             raise UsageError(f"--token-file {args.token_file}: cannot read it: {exc.strerror or exc}") from None
-    if args.hold_queue < 0 or args.hold_timeout < 0:
-        raise UsageError("--hold-timeout and --hold-queue take values of 0 or more")
+    if args.hold_queue < 0 or args.hold_timeout < 0 or args.mirror_inflight < 0:
+        raise UsageError("--hold-timeout, --hold-queue and --mirror-inflight take values of 0 or more")
     config = GatewayConfig(
         listen=parse_address(args.listen, "--listen"), admin=parse_address(args.admin, "--admin"), agent_url=args.agent,
         agent_token=token, routes_file=args.routes_file, state_dir=args.state_dir, hold_timeout=args.hold_timeout,
         hold_queue=args.hold_queue, trust_forwarded=args.trust_forwarded, access_log=args.access_log,
+        mirror_inflight=args.mirror_inflight,
     )
     configure()
     try:

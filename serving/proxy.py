@@ -225,35 +225,37 @@ class Forward:
         except UpstreamError as exc:
             return reject(self.metrics, 502, f"the service is not reachable: {exc}")
         try:
-            response = await (self._tunnel(request, upstream) if request.upgrade else self._relay(request, upstream))
+            if request.upgrade and upstream.status != 101 and upstream.status < 400:
+                await upstream.read()
+                response = reject(self.metrics, 502, f"the service answered the WebSocket upgrade with {upstream.status}, not 101")
+            else:
+                response = await relay(request, upstream)
         except BaseException:
             upstream.close()  # a client gone mid-stream: drop the upstream request too
             raise
         upstream.release()
         return response
 
-    async def _relay(self, request: Request, upstream: UpstreamResponse) -> Response:
-        headers = upstream.headers
-        length = upstream.content_length
-        if request.method == "HEAD":
-            await upstream.read()
-            return Response(upstream.status, b"", headers, reason=upstream.reason, length=length)
-        if length is not None and length <= SMALL_BODY:
-            return Response(upstream.status, await upstream.read(), headers, reason=upstream.reason)
-        response = Response(upstream.status, headers=headers, reason=upstream.reason)
-        await request.send_stream(response, upstream.chunks(), length)  # as produced: no buffering
-        return response
 
-    async def _tunnel(self, request: Request, upstream: UpstreamResponse) -> Response:
-        if upstream.status != 101:
-            if upstream.status >= 400:
-                return await self._relay(request, upstream)
-            await upstream.read()
-            return reject(self.metrics, 502, f"the service answered the WebSocket upgrade with {upstream.status}, not 101")
+async def relay(request: Request, upstream: UpstreamResponse, extra: Headers | None = None) -> Response:
+    """An upstream's answer to the client (the bootstrap's child, or the gateway's instance):
+    small ones whole in one write, larger or unsized ones as produced, a 101 to an upgrade
+    tunnelled; `extra` headers are added to the answer's own."""
+    headers = upstream.headers + extra if extra else upstream.headers
+    if upstream.status == 101 and request.upgrade:
         upgrade = [pair for pair in upstream.hop_headers if pair[0] in (b"upgrade", b"connection")]
-        response = Response(101, headers=upstream.headers + upgrade, reason=upstream.reason)
+        response = Response(101, headers=headers + upgrade, reason=upstream.reason)
         await request.tunnel(response, upstream.upgraded())
         return response
+    length = upstream.content_length
+    if request.method == "HEAD":
+        await upstream.read()
+        return Response(upstream.status, b"", headers, reason=upstream.reason, length=length)
+    if length is not None and length <= SMALL_BODY:
+        return Response(upstream.status, await upstream.read(), headers, reason=upstream.reason)
+    response = Response(upstream.status, headers=headers, reason=upstream.reason)
+    await request.send_stream(response, upstream.chunks(), length)  # as produced: no buffering
+    return response
 
 
 def forwarded_headers(request: Request, default_host: bytes) -> Headers:

@@ -63,6 +63,21 @@ def test_config_errors_name_the_field(tmp_path: Path):
     assert str(path) in message and "timings.backoff_max_s" in message and "listen" in message
 
 
+@pytest.mark.parametrize("content, expected", [
+    (None, "cannot read the agent config: No such file or directory"),
+    (b'{"listen": ', "not valid JSON: Expecting value at line 1"),
+    (b"[1, 2]", "the agent config must be a JSON object"),
+    (b'{"listen": "\xff"}', "not UTF-8 text"),
+])
+def test_an_unreadable_config_file_is_named_with_what_is_wrong(tmp_path: Path, content: bytes | None, expected: str):
+    path = tmp_path / "agent.json"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError) as caught:
+        load_config(path, {}, environ={})
+    assert str(caught.value).startswith(f"{path}: {expected}"), caught.value
+
+
 def test_image_names_resolve_as_docker_does():
     assert str(resolve("python")) == "library/python:latest"
     assert resolve("python").registry == "docker.io"
@@ -103,6 +118,19 @@ def test_secrets_reach_the_instance_as_files_never_in_the_spec_env_or_labels(tmp
     visible = json.dumps([request.env, request.labels, request.argv])
     assert "tok-very-secret" not in visible and "dXNlcjpwYXNz" not in visible
     assert request.argv == ["berth", "boot", "--", "sh", "-c", "python app.py"]
+
+
+def test_with_the_gateway_on_instances_drain_1_s_and_later_ones_get_their_own_port(tmp_path: Path):
+    spec = spec_of(**{"containers.0.port": 8500})
+    on = load_config(None, {"state_dir": str(tmp_path)}, environ={})
+    first, second = (build_request(spec, revision(spec), slot, on, gpus=[], host_ports=True) for slot in (0, 1))
+    assert first.env["BERTH_DRAIN_DELAY"] == "1"  # the drain order keeps the gateway's clients off; 1 s is for direct ones
+    assert "BERTH_PORT" not in first.env  # the first instance keeps the spec's port
+    assert int(second.env["BERTH_PORT"]) not in (0, 8500)
+    off = load_config(None, {"state_dir": str(tmp_path), "gateway": "off"}, environ={})
+    assert "BERTH_DRAIN_DELAY" not in build_request(spec, revision(spec), 0, off, gpus=[], host_ports=False).env  # berth boot's 5 s
+    operator = load_config(None, {"state_dir": str(tmp_path), "env": {"BERTH_DRAIN_DELAY": "3"}}, environ={})
+    assert build_request(spec, revision(spec), 0, operator, gpus=[], host_ports=False).env["BERTH_DRAIN_DELAY"] == "3"
 
 
 def test_off_loopback_listening_needs_tls_or_consent(tmp_path: Path):

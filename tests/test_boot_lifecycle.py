@@ -118,6 +118,24 @@ def test_child_dying_during_startup_ends_the_boot_with_its_code_and_last_lines(t
         boot.close()
 
 
+def test_a_child_on_the_spec_port_instead_of_its_port_fails_the_start_at_once(tmp_path):
+    """A second instance (given its own port as PORT) whose command hard-codes the spec's port:
+    it would never pass its startup check, and it holds the port the first instance needs."""
+    own_port, spec_port = free_port(), free_port()
+    spec = {"metadata": {"name": "svc"},
+            "containers": [{"image": "img", "port": spec_port, "command": f"{sys.executable} -m tests.apps.slowapp --port {spec_port}"}]}
+    boot = Boot(tmp_path, command=[], env={"BERTH_SPEC": json.dumps(spec)}, app_port=own_port)
+    try:
+        assert boot.wait() == 1  # at once: well inside the 600 s startup timeout
+        error = boot.file_status()["last_error"]
+        assert f"listens on port {spec_port}, not on its PORT {own_port}" in error, error
+        assert "given to the command as PORT" in error
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", spec_port))  # the child was stopped: the spec's port is free again
+    finally:
+        boot.close()
+
+
 def test_child_crash_when_ready_exits_with_its_code(tmp_path):
     boot = Boot(tmp_path)
     try:

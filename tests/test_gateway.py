@@ -60,6 +60,7 @@ def test_token_paths_and_forwarded_headers(backends, gateways):
         assert seen["headers"]["X-Forwarded-For"] == "127.0.0.1"  # the client's own claim replaced
         assert seen["headers"]["traceparent"] == "00-abc-def-01"
         assert seen["headers"]["X-Forwarded-Proto"] == "http"
+        assert seen["headers"]["X-Forwarded-Host"] == gateway.url.removeprefix("http://")  # the Host the client asked for
     root = gateway.get("/api/predict/hello?q=1", headers={"Authorization": "s3cret-token"})
     assert root.status_code == 200 and root.text == "ok"
     missing = gateway.get("/api/predict/nobody/x")
@@ -70,8 +71,71 @@ def test_token_paths_and_forwarded_headers(backends, gateways):
     assert "s3cret-token" not in routes and "***" in routes
     assert "s3cret-token" not in metrics and "s3cret-token" not in gateway.log_path.read_text()
     assert 'berth_gateway_requests_total{code="401",instance="-",name="hello",service="-"} 2.0' in metrics, metrics
+    assert re.search(r'berth_gateway_request_duration_seconds_count\{name="hello",service="hello"\} [2-9]', metrics), metrics
     stats = gateway.admin("/v1/stats").json()["services"]["hello"]
     assert stats["requests_total"] >= 3 and stats["inflight"] == 0 and stats["held"] == 0
+
+
+def test_trust_forwarded_keeps_the_chain_a_proxy_in_front_started(backends, gateways):
+    gateway = gateways({"services": {"hello": service(backends[0])}}, "--trust-forwarded")
+    seen = gateway.get("/api/predict/hello/echo", headers={"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "models.example"}).json()
+    assert seen["headers"]["X-Forwarded-For"] == "6.6.6.6, 127.0.0.1"
+    assert seen["headers"]["X-Forwarded-Host"] == "models.example"
+
+
+def test_the_official_openai_client_works_with_the_gateway_as_base_url(backends, gateways):
+    import openai
+
+    gateway = gateways({"services": {"llm": service(backends[0], token="llm-token")}})
+    client = openai.OpenAI(base_url=f"{gateway.url}/api/predict/llm/v1", api_key="llm-token", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    answer = client.chat.completions.create(model="m", messages=messages)
+    assert answer.choices[0].message.content == "hello from berth"
+    pieces = [chunk.choices[0].delta.content for chunk in client.chat.completions.create(model="m", messages=messages, stream=True)]
+    assert pieces == ["hello", " from", " berth"]  # streamed chunk by chunk
+    wrong = openai.OpenAI(base_url=f"{gateway.url}/api/predict/llm/v1", api_key="not-it", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="m", messages=messages)
+
+
+def test_only_what_never_reached_the_app_is_retried(backends, gateways, tmp_path):
+    """berth boot's own refusal (503 with X-Berth-Reject) goes to another instance; the app's
+    own 503, and a connection the app broke after reading the request, go back as they are."""
+    from tests.apps.runner import Boot
+
+    starting = Boot(tmp_path, app_args=("--start-delay", "60"))
+    try:
+        wait_until(lambda: starting.ready_status() == 503, 20, "berth boot up, its app not ready yet")
+        a, b, c = backends
+        gateway = gateways({"services": {"s": {"instances": [{"id": "starting", "url": starting.proxy}, {"id": "a", "url": a.url}]},
+                                         "own": service(a, b), "broken": service(b, c)}})
+        assert whoami_counts(gateway, "/api/predict/s/whoami", 30) == {a.port: 30}
+        for _ in range(10):
+            own = gateway.get("/api/predict/own/status?code=503")
+            assert own.status_code == 503 and own.text == "the app's own 503"
+        crashed = requests.post(gateway.url + "/api/predict/broken/crash?code=1", timeout=30)
+        assert crashed.status_code == 502, crashed.text
+        assert sum(backend.process.poll() is not None for backend in (b, c)) == 1  # sent once: one instance died
+        retries = re.findall(r'berth_gateway_retries_total\{service="(\w+)"\} ([0-9.]+)', gateway.admin("/metrics").text)
+        assert [name for name, _ in retries] == ["s"], retries
+    finally:
+        starting.close()
+
+
+def test_a_stream_survives_its_instance_leaving_the_routes(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 100}, {"service": "b", "weight": 0}]}}})
+    events = []
+    with requests.get(gateway.url + "/api/predict/chat/stream?n=8&gap=0.4", stream=True, timeout=20) as response:
+        for line in response.iter_lines():
+            if not line.startswith(b"data:"):
+                continue
+            events.append(line)
+            if len(events) == 2:  # mid-stream: its instance leaves the table, the group turns to b
+                gateway.routes({"services": {"b": service(b)}, "groups": {"chat": {"routes": [{"service": "b", "weight": 100}]}}})
+                wait_until(lambda: gateway.get("/api/predict/chat/whoami").text == str(b.port), 5, "the new routes applied")
+    assert len(events) == 9 and events[-1] == b"data: [DONE]", events
 
 
 def test_group_split_80_20(backends, gateways):
@@ -99,6 +163,46 @@ def test_mirror_50_percent_answers_from_primary(backends, gateways):
     copies = mirrored()
     assert abs(copies.get("sent", 0) / 1000 - 0.50) <= 0.08, copies
     assert gateway.admin("/v1/stats").json()["services"]["b"]["requests_total"] == 0  # copies never count as demand
+
+
+def test_no_mirror_copy_to_the_service_a_request_was_sent_to(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 50},
+                                                       {"service": "b", "weight": 50, "mirror_weight": 100}]}}})
+    counts = whoami_counts(gateway, "/api/predict/chat/whoami", 200)
+    assert counts[a.port] and counts[b.port], counts
+
+    def sent() -> float:
+        found = re.search(r'berth_gateway_mirror_requests_total\{outcome="sent",service="b"\} ([0-9.]+)', gateway.admin("/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    wait_until(lambda: sent() >= counts[a.port], 10, "mirror copies counted")
+    time.sleep(0.3)
+    assert sent() == counts[a.port]  # a copy of each request answered by a; none of those b answered itself
+
+
+def test_mirror_copies_in_flight_are_bounded_and_the_rest_dropped_and_counted(backends, gateways):
+    a, b = backends[:2]
+    gateway = gateways({"services": {"a": service(a), "b": service(b)},
+                        "groups": {"chat": {"routes": [{"service": "a", "weight": 100},
+                                                       {"service": "b", "weight": 0, "mirror_weight": 100}]}}},
+                       "--mirror-inflight", "1")
+    answers: list[int] = []
+    clients = [threading.Thread(target=lambda: answers.append(gateway.get("/api/predict/chat/slow?s=1").status_code))
+               for _ in range(4)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join(20)
+    assert answers == [200] * 4  # every client answered, by the primary, whatever became of its copy
+
+    def outcomes() -> dict[str, float]:
+        found = re.findall(r'berth_gateway_mirror_requests_total\{outcome="(\w+)",service="b"\} ([0-9.]+)', gateway.admin("/metrics").text)
+        return {outcome: float(value) for outcome, value in found}
+
+    wait_until(lambda: sum(outcomes().values()) == 4, 10, "every copy counted")
+    assert outcomes().get("dropped", 0) >= 1 and outcomes().get("sent", 0) >= 1, outcomes()
 
 
 def test_header_route(backends, gateways):
@@ -142,6 +246,8 @@ def test_held_request_answered_when_an_instance_appears(backends, gateways):
     thread = threading.Thread(target=lambda: answers.append(gateway.get("/api/predict/later/whoami")))
     thread.start()
     wait_until(lambda: gateway.admin("/v1/stats").json()["services"]["later"]["held"] == 1, 10, "request held")
+    metrics = gateway.admin("/metrics").text
+    assert 'berth_gateway_held_requests{service="later"} 1.0' in metrics and 'berth_gateway_inflight_requests{service="later"} 1.0' in metrics, metrics
     gateway.routes({"services": {"later": service(a), "never": {"instances": [], "timeout_s": 1}}})
     thread.join(10)
     assert answers and answers[0].status_code == 200 and answers[0].text == str(a.port)
@@ -173,6 +279,10 @@ def test_connection_refused_is_retried_on_another_instance(backends, gateways):
     gateway = gateways({"services": {"s": {"instances": [{"id": "dead", "url": dead}, {"id": "alive", "url": backends[0].url}]}}})
     counts = whoami_counts(gateway, "/api/predict/s/whoami", 50)
     assert counts == {backends[0].port: 50}
+    body = b"x" * 900_000  # kept for the retry: bodies up to the 1 MB limit
+    for _ in range(10):
+        echoed = requests.post(gateway.url + "/api/predict/s/echo", data=body, timeout=30)
+        assert echoed.status_code == 200 and echoed.json()["body_length"] == len(body), echoed.text
     assert re.search(r'berth_gateway_retries_total\{service="s"\} [1-9]', gateway.admin("/metrics").text)
 
 
@@ -204,6 +314,44 @@ def test_two_random_choices_prefer_the_less_loaded_and_idle_vllm():
     # queued loses every pair (requests waiting), busy wins only against it, idle wins both of its pairs
     assert set(spread) == {"idle", "busy"} and spread["idle"] > 1.5 * spread["busy"]
     assert pick([busy], exclude=busy) is None and pick([busy, idle], exclude=busy) is idle
+
+
+def test_a_vllm_instance_with_requests_waiting_loses_to_one_without(backends, gateways):
+    """The gateway reads each vLLM instance's admin /metrics (every 100 ms): one with
+    vllm:num_requests_waiting above zero gets no request while the other has none waiting."""
+    import http.server
+
+    waiting = {}
+
+    class Admin(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = f'vllm:num_requests_waiting{{model_name="m"}} {waiting[self.server.server_port]}\n'.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    admins = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Admin) for _ in range(2)]
+    for admin in admins:
+        threading.Thread(target=admin.serve_forever, daemon=True).start()
+    try:
+        a, b = backends[:2]
+        waiting.update({admins[0].server_port: 3, admins[1].server_port: 0})
+        gateway = gateways({"services": {"llm": {"engine": "vllm", "instances": [
+            {"id": "a", "url": a.url, "admin": f"http://127.0.0.1:{admins[0].server_port}"},
+            {"id": "b", "url": b.url, "admin": f"http://127.0.0.1:{admins[1].server_port}"}]}}})
+        time.sleep(1.0)  # several reads of both admin pages
+        assert whoami_counts(gateway, "/api/predict/llm/whoami", 40) == {b.port: 40}
+        waiting.update({admins[0].server_port: 0, admins[1].server_port: 5})
+        time.sleep(1.0)
+        assert whoami_counts(gateway, "/api/predict/llm/whoami", 40) == {a.port: 40}
+    finally:
+        for admin in admins:
+            admin.shutdown()
+            admin.server_close()
 
 
 def test_websocket_is_tunnelled_and_the_access_log_has_a_line_per_request(backends, gateways, tmp_path):

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from tests.harness.agent import Agent, unique
+from tests.harness.agent import Agent, unique, wait_state
 from tests.harness.load import SteadyLoad
+from tests.harness.parts import free_port
 
 pytestmark = pytest.mark.docker
 
@@ -44,6 +45,31 @@ def test_rollout_and_scale_in_through_the_gateway_fail_nothing(tmp_path, docker_
         assert result.returncode == 0, result.stderr
         assert len(json.loads(result.stdout)["instances"]) == 1
         assert len(load.outcomes) > 100 and not load.failures(), load.failures()[:5]
+    finally:
+        try:
+            agent.remove_all(docker_client)
+        finally:
+            agent.stop()
+
+
+def test_host_networking_a_command_that_ignores_port_fails_its_second_instance_saying_so(tmp_path, docker_client,
+                                                                                         python_inference_image):
+    agent = Agent(tmp_path, network="host").start()
+    try:
+        name, port = unique("hosthard"), free_port()
+        spec = {"metadata": {"name": name, "instance": 2, "eas": {"termination_grace_period": 5}},
+                "containers": [{"image": python_inference_image, "port": port, "command": f"python3 -m http.server {port}"}]}
+        assert agent.deploy(spec).returncode == 0
+
+        def exits_naming_port() -> list[dict]:
+            events = agent.api("GET", f"/v1/events?service={name}&follow=false").text
+            return [event for event in map(json.loads, events.splitlines())
+                    if event["kind"] == "Exited" and "given to the command as PORT" in event["message"]]
+
+        seen = wait_state(agent, name, lambda s: s["ready"] == 1 and exits_naming_port(), 120,
+                          "one instance Ready, the other's exit naming PORT")
+        ready = [inst["id"] for inst in seen["instances"] if inst["ready"]]
+        assert all(event["instance"] not in ready for event in exits_naming_port())
     finally:
         try:
             agent.remove_all(docker_client)

@@ -11,18 +11,21 @@ GET /warm             counts warmup requests and their peak concurrency (each ta
 GET /counters         {"warm": n, "warm_peak": k}
 GET /stream?n=&gap=   Server-Sent Events: n events, `gap` seconds apart, each carrying the time it was written
 GET /slow?s=          answers after s seconds; counts requests abandoned by the client
-GET /crash?code=      exits at once with that code
+GET|POST /crash?code= exits at once with that code
 ANY /echo             the request as JSON: method, path, headers, body length
 GET /arm-close        200; the next request on the same connection gets the connection closed, unanswered
 GET /orphan           leaves a grandchild that outlives its parent (for the reaping test); returns its pid
 GET /ws               WebSocket echo
 GET /whoami           this instance's port (which instance answered, through a gateway)
+GET /status?code=     answers with that status code (the app's own, e.g. 503)
+POST /v1/chat/completions  an OpenAI chat completion ("stream": true: chunk by chunk, as SSE)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +76,32 @@ async def slow(request: web.Request) -> web.Response:
             raise asyncio.CancelledError()
         await asyncio.sleep(0.02)
     return web.Response(text="slow done")
+
+
+async def status(request: web.Request) -> web.Response:
+    code = int(request.query.get("code", "200"))
+    return web.Response(status=code, text=f"the app's own {code}")
+
+
+async def chat_completion(request: web.Request) -> web.StreamResponse:
+    """What the official OpenAI client expects of /v1/chat/completions, answering 'hello from berth'."""
+    asked = await request.json()
+    head = {"id": "chatcmpl-slowapp", "created": int(time.time()), "model": asked.get("model", "slowapp")}
+    words = ["hello", " from", " berth"]
+    if not asked.get("stream"):
+        return web.json_response({**head, "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "".join(words)}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": len(words), "total_tokens": 1 + len(words)}})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for index, word in enumerate(words):
+        finish = "stop" if index == len(words) - 1 else None
+        chunk = {**head, "object": "chat.completion.chunk",
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": word}, "finish_reason": finish}]}
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await asyncio.sleep(0.05)
+    await response.write(b"data: [DONE]\n\n")
+    return response
 
 
 async def crash(request: web.Request) -> web.Response:
@@ -141,8 +170,10 @@ def main() -> None:
 
     app.router.add_get("/whoami", whoami)
     for path, handler in (("/", root), ("/warm", warm), ("/counters", counter_values), ("/stream", stream), ("/slow", slow),
-                          ("/crash", crash), ("/arm-close", arm_close), ("/orphan", orphan), ("/ws", websocket)):
+                          ("/crash", crash), ("/arm-close", arm_close), ("/orphan", orphan), ("/ws", websocket), ("/status", status)):
         app.router.add_get(path, handler)
+    app.router.add_post("/v1/chat/completions", chat_completion)
+    app.router.add_post("/crash", crash)
     app.router.add_route("*", "/echo", echo)
 
     async def serve() -> None:
