@@ -34,6 +34,8 @@ from tests.harness.vllm_service import COMPILED, SERVED_NAME, Node, Service, com
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 log = logging.getLogger("tests.vllm")
+# The stress test's prompt size: --max-model-len is 512, and 32 tokens are generated.
+PROMPT_TOKENS = 256
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +115,12 @@ def _histogram_means(admin: str) -> dict[str, tuple[float, float]]:
 
 @pytest.fixture(scope="module")
 def stress_run(vllm_service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One `berth stress --openai` step (2 at a time for 20 s), with vLLM's own histograms
+    """One `berth stress --openai` step (2 at a time for 20 s, prompts of 256 tokens), with vLLM's own histograms
     (sum and count) read before and after it: {"report": ..., metric: (berth's mean ms, vLLM's mean ms)}."""
     out = tmp_path_factory.mktemp("stress")
     before = _histogram_means(vllm_service.admin)
     result = subprocess.run(
-        [sys.executable, "-m", "bootstrap.cli", "stress", vllm_service.proxy, "--openai", "--input-tokens", "64",
+        [sys.executable, "-m", "bootstrap.cli", "stress", vllm_service.proxy, "--openai", "--input-tokens", str(PROMPT_TOKENS),
          "--output-tokens", "32", "--mode", "concurrency", "--concurrency", "2", "--step", "20", "--slo", "ttft_p99<=60s",
          "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
@@ -139,10 +141,10 @@ def stress_run(vllm_service: Service, tmp_path_factory: pytest.TempPathFactory) 
 
 def test_stress_openai_sizes_prompts_and_counts_tokens_exactly(stress_run: dict):
     report = stress_run["report"]
-    assert "exactly 64 tokens by the server's /tokenize" in report["llm"]["prompt_sizing"]
+    assert f"exactly {PROMPT_TOKENS} tokens by the server's /tokenize" in report["llm"]["prompt_sizing"]
     (step,) = report["steps"]
     assert step["errors"] == 0 and step["ok"] >= 5
-    assert step["llm"]["prompt_tokens_mean"] == 64 and step["llm"]["output_tokens"] == 32 * step["ok"]
+    assert step["llm"]["prompt_tokens_mean"] == PROMPT_TOKENS and step["llm"]["output_tokens"] == 32 * step["ok"]
 
 
 def test_stress_openai_inter_token_latency_matches_vllms_histogram(stress_run: dict):
@@ -150,15 +152,14 @@ def test_stress_openai_inter_token_latency_matches_vllms_histogram(stress_run: d
     assert abs(ours - theirs) <= 0.25 * theirs, f"mean ITL: berth stress {ours:.2f} ms, vLLM's histogram {theirs:.2f} ms"
 
 
-def test_stress_openai_time_to_first_token_brackets_vllms_histogram(stress_run: dict):
-    """The client's TTFT holds vLLM's own and what vLLM does not time, nothing else.
-
-    vLLM counts from its arrival_time (after the API server parsed and tokenized the request) to
-    the first token, before detokenizing, the SSE write and the proxy hop: the client's mean can
-    only be larger, and on a starved 2-core box was 1.4-2.3x. Issue 13's 25% target is open.
-    """
+def test_stress_openai_time_to_first_token_matches_vllms_histogram(stress_run: dict):
+    """vLLM's clock runs from the request's arrival in its engine (after the API server parsed
+    and tokenized it) to the first token (before detokenizing, the SSE write and the proxy
+    hop): the client's mean holds those few milliseconds too. Prompts of 256 tokens make the
+    prefill, which both clocks hold, the larger part (with 64, a starved API server's share
+    reached 20-40%; with 256, 8-12% on a quiet machine)."""
     ours, theirs = stress_run["ttft"]
-    assert theirs <= ours <= 3 * theirs + 50, f"mean TTFT: berth stress {ours:.2f} ms, vLLM's histogram {theirs:.2f} ms"
+    assert abs(ours - theirs) <= 0.25 * theirs, f"mean TTFT: berth stress {ours:.2f} ms, vLLM's histogram {theirs:.2f} ms"
 
 
 def test_sigterm_during_a_stream_lets_the_stream_finish(vllm_service: Service, client):
