@@ -248,6 +248,43 @@ def test_a_service_target_reads_its_instances(tmp_path: Path, gateway: str):
         agent.stop()
 
 
+def test_a_group_target_goes_through_the_gateway_and_reads_every_member(tmp_path: Path):
+    """A group's name: sent to the gateway's group address, split by the group's weights, and
+    the service-side figures summed over every member's instances."""
+    agent = Agent(tmp_path, runtime="process", gateway="127.0.0.1:0", gateway_admin="127.0.0.1:0").start()
+    members = [unique("stress-a"), unique("stress-b")]
+    group = unique("stress-g")
+    try:
+        for name in members:
+            port = free_port()
+            spec = {"metadata": {"name": name, "eas": {"termination_grace_period": 10}},
+                    "containers": [{"image": "ignored", "port": port, "env": [{"name": "PYTHONPATH", "value": str(REPO)}],
+                                    "command": f"{sys.executable} -m tests.apps.capacity --port {port} --service-ms 20 --concurrency 4"}]}
+            deployed = agent.deploy(spec, "--wait")
+            assert deployed.returncode == 0, deployed.stderr
+        routes = {"name": group, "routes": [{"service": members[0], "weight": 50}, {"service": members[1], "weight": 50}]}
+        assert agent.cli("group", "apply", "-", stdin=json.dumps(routes)).returncode == 0
+        out = tmp_path / "out"
+        result = agent.cli("stress", group, "--mode", "rate", "--rate", "40", "--step", "4", "--out", str(out))
+        assert result.returncode == 0, result.stdout + result.stderr
+        report = report_of(out)
+        assert report["target"]["kind"] == "group"
+        assert report["target"]["route"] == f"the gateway {agent.gateway_url()}/api/predict/{group}"
+        assert report["steps"][0]["errors"] == 0
+        last = report["service_samples"][-1]
+        assert last["ready"] == 2 and {key.split("/")[0] for key in last["instances"]} == set(members)
+        # Both members served a share of the run (their proxies' request counts grew).
+        first = report["service_samples"][0]["instances"]
+        grew = {key.split("/")[0]: last["instances"][key]["requests"] - first[key]["requests"] for key in last["instances"]}
+        assert all(count >= 20 for count in grew.values()), grew
+        assert report["steps"][0]["service"]["instances_ready_avg"] == 2
+    finally:
+        agent.cli("group", "rm", group)
+        for name in members:
+            agent.cli("rm", name)
+        agent.stop()
+
+
 def test_data_file_requests_and_expect_status(capacity_app: str, tmp_path: Path):
     """--data lines go round-robin; a line's expect_status is its success criterion, so half the
     requests fail here and the errors limit breaks."""
