@@ -292,8 +292,14 @@ def main() -> None:
     upstream, sse, nginx_port, proxy_port, admin_port, hello, lean, granian, berth_hello = (free_port() for _ in range(9))
     processes: list[subprocess.Popen] = []
     try:
-        sse_app = subprocess.Popen([sys.executable, "-m", "tests.apps.slowapp", "--port", str(sse)], cwd=REPO, stdout=subprocess.DEVNULL)
-        processes.append(sse_app)
+        # The SSE app runs as a second berth boot's child: boot serves only a port its own child holds.
+        sse_proxy, sse_admin = free_port(), free_port()
+        sse_boot = subprocess.Popen(
+            [sys.executable, "-m", "bootstrap.cli", "boot", "--port", str(sse), "--proxy-port", str(sse_proxy),
+             "--admin-port", str(sse_admin), "--drain-delay", "0", "--", sys.executable, "-m", "tests.apps.slowapp", "--port", str(sse)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(prefix / "boot-sse.log", "wb"),
+        )
+        processes.append(sse_boot)
         candidates = {"httptools protocol + berth's pool (no chain)": (LEAN_PROXY, lean),
                       "granian embedded (RSGI) + berth's pool (no chain)": (GRANIAN_PROXY, granian),
                       "aiohttp server, hello world (no proxying)": (AIOHTTP_HELLO, hello),
@@ -318,11 +324,11 @@ def main() -> None:
         processes.append(boot)
         for port in (upstream, sse, nginx_port, proxy_port, *(port for port, _ in ceilings.values())):
             wait_port(port)
-        while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/ready"], capture_output=True).returncode != 0:
-            time.sleep(0.1)
+        wait_ready(admin_port, boot, prefix / "boot.log")
+        wait_ready(sse_admin, sse_boot, prefix / "boot-sse.log")
         nginx_worker = psutil.Process(nginx_proxy.pid).children()[0].pid
         targets = {"direct": (upstream, None), "nginx": (nginx_port, nginx_worker), "berth": (proxy_port, boot.pid)}
-        report = run(targets, args, sse, ceilings, prefix)
+        report = run(targets, args, (sse, sse_proxy), ceilings)
     finally:
         for process in reversed(processes):
             process.send_signal(signal.SIGTERM)
@@ -334,7 +340,7 @@ def main() -> None:
     print(report)
 
 
-def run(targets: dict, args, sse_port: int, ceilings: dict[str, tuple[int, int]], prefix: Path) -> str:
+def run(targets: dict, args, sse_ports: tuple[int, int], ceilings: dict[str, tuple[int, int]]) -> str:
     lines = [f"machine: {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, load average "
              f"{os.getloadavg()[0]:.1f} at the start; python {sys.version.split()[0]}; nginx 1 worker; "
              f"{args.seconds:g} s per run, {args.rounds} rounds"]
@@ -346,8 +352,9 @@ def run(targets: dict, args, sse_port: int, ceilings: dict[str, tuple[int, int]]
         p99s: dict[str, list[float]] = {name: [] for name in targets}
         errors = {name: 0 for name in targets}
         cpu = {name: 0.0 for name in targets}
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for name, (port, pid) in targets.items():
+                progress(f"{rate:.0f} req/s, round {round_ + 1} of {args.rounds}: {name}")
                 before = cpu_seconds(pid) if pid else 0.0
                 latencies, failed = uvloop.run(open_loop(port, rate, args.seconds))
                 cpu[name] += (cpu_seconds(pid) - before) if pid else 0.0
@@ -367,8 +374,9 @@ def run(targets: dict, args, sse_port: int, ceilings: dict[str, tuple[int, int]]
     lines.append("")
     everyone = {**targets, **ceilings}
     runs: dict[str, list[tuple[float, float | None]]] = {name: [] for name in everyone}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for name, (port, pid) in everyone.items():
+            progress(f"maximum rate, round {round_ + 1} of {args.rounds}: {name}")
             runs[name].append(h2load_max(port, args.seconds, pid))
     lines.append(f"| target | max req/s (h2load, 64 conns, median of {args.rounds}) | each round | vs nginx | CPU us/req |")
     lines.append("|---|---|---|---|---|")
@@ -381,32 +389,33 @@ def run(targets: dict, args, sse_port: int, ceilings: dict[str, tuple[int, int]]
         lines.append(f"| {name} | {rate:.0f} | {each} | {rate / nginx_max:.0%} | {cpu} |")
     lines.append(f"load average {os.getloadavg()[0]:.1f} at the end of the maximum rates")
     lines.append("")
-    lines.append(sse_section(sse_port, targets["nginx"][0], prefix))
+    progress("SSE")
+    lines.append(sse_section(*sse_ports, targets["nginx"][0]))
     return "\n".join(lines)
 
 
-def sse_section(sse_port: int, nginx_port: int, prefix: Path) -> str:
-    """SSE through berth (a second boot, in front of the SSE app) and through nginx's /stream route."""
-    proxy_port, admin_port = free_port(), free_port()
-    boot = subprocess.Popen(
-        [sys.executable, "-m", "bootstrap.cli", "boot", "--port", str(sse_port), "--proxy-port", str(proxy_port),
-         "--admin-port", str(admin_port), "--drain-delay", "0", "--", "sleep", "infinity"],
-        cwd=REPO, stderr=open(prefix / "boot-sse.log", "wb"),
-    )
-    try:
-        while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/ready"], capture_output=True).returncode != 0:
-            time.sleep(0.1)
-        rows = ["| SSE (25 events, 20 ms apart) | first chunk ms | mean gap ms | added first chunk ms | added gap ms |", "|---|---|---|---|---|"]
-        base = None
-        for name, port in (("direct", sse_port), ("nginx", nginx_port), ("berth", proxy_port)):
-            first, gap = uvloop.run(sse_timings(port))
-            base = base or (first, gap)
-            added = ("-", "-") if name == "direct" else (f"{first - base[0]:.2f}", f"{gap - base[1]:.3f}")
-            rows.append(f"| {name} | {first:.2f} | {gap:.3f} | {added[0]} | {added[1]} |")
-        return "\n".join(rows)
-    finally:
-        boot.send_signal(signal.SIGTERM)
-        boot.wait(15)
+def sse_section(sse_port: int, berth_port: int, nginx_port: int) -> str:
+    """SSE direct, through berth (the boot whose child is the SSE app) and through nginx's /stream route."""
+    rows = ["| SSE (25 events, 20 ms apart) | first chunk ms | mean gap ms | added first chunk ms | added gap ms |", "|---|---|---|---|---|"]
+    base = None
+    for name, port in (("direct", sse_port), ("nginx", nginx_port), ("berth", berth_port)):
+        first, gap = uvloop.run(sse_timings(port))
+        base = base or (first, gap)
+        added = ("-", "-") if name == "direct" else (f"{first - base[0]:.2f}", f"{gap - base[1]:.3f}")
+        rows.append(f"| {name} | {first:.2f} | {gap:.3f} | {added[0]} | {added[1]} |")
+    return "\n".join(rows)
+
+
+def progress(step: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {step}", file=sys.stderr, flush=True)
+
+
+def wait_ready(admin_port: int, boot: subprocess.Popen, log: Path) -> None:
+    """Until berth boot's /ready answers; its log's tail if it exits first (it would never answer)."""
+    while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{admin_port}/ready"], capture_output=True).returncode != 0:
+        if boot.poll() is not None:
+            raise SystemExit(f"berth boot exited with {boot.returncode} before it was ready; {log}:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":
