@@ -7,8 +7,8 @@ rounds:
 
 - Proxying: two nginx processes (1 worker each) return a constant; in front of both, nginx
   (1 worker, `least_conn`, keep-alive upstream) and `berth gateway --routes-file` (one process)
-  serve the same path, /api/predict/c/. Added p50/p99 at a fixed rate from bench/proxy.py's
-  open-loop generator (latency from each scheduled send) against one backend direct; maximum
+  serve the same path, /api/predict/c/. Added p50/p99 at a fixed rate from berth's load
+  generator, open loop (bench/proxy.py's open_loop; latency from each scheduled send) against one backend direct; maximum
   rate from h2load over HTTP/1.1 with 64 connections, and each proxy's CPU per request.
 - Rollout (needs dockerd; builds the python-inference test image if absent): a 2-instance
   service rolled to a new revision under `--rollout-rate` requests/s, alternating (a) through
@@ -32,7 +32,6 @@ import uuid
 from pathlib import Path
 
 import psutil
-import uvloop
 
 from bench.proxy import NGINX_CONF, cpu_seconds, free_port, h2load_max, open_loop, percentile, wait_port
 
@@ -81,7 +80,7 @@ def proxying(args: argparse.Namespace) -> list[str]:
         for _ in range(args.rounds):
             for name, (port, pid) in targets.items():
                 before = cpu_seconds(pid) if pid else 0.0
-                latencies, failed = uvloop.run(open_loop(port, args.rate, args.seconds, PATH))
+                latencies, failed = open_loop(port, args.rate, args.seconds, PATH)
                 cpu[name] += cpu_seconds(pid) - before if pid else 0.0
                 p50s[name].append(percentile(latencies, 0.5))
                 p99s[name].append(percentile(latencies, 0.99))

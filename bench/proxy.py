@@ -21,15 +21,17 @@ nginx (1 worker, as berth is one process) proxies to the same upstream with keep
   between chunks as the client sees them, proxied vs direct.
 - Proxy CPU per 1000 requests, from the proxy process's CPU time over the fixed-rate runs.
 
-The open-loop generator is our own (Python, uvloop, raw HTTP/1.1 over keep-alive connections)
-because Debian 12 packages no open-loop tool with percentiles (wrk2 and vegeta are absent;
-httperf reports no percentiles). Its own jitter is in every figure alike, so differences hold.
+The open-loop sender is berth's own load generator (agent/stress/generator.py, the one `berth
+stress` runs; bench/stress_generator.py measures it against h2load), because Debian 12 packages
+no open-loop tool with percentiles (wrk2 and vegeta are absent; httperf reports none). Its own
+jitter (its timers tick in milliseconds) is in every figure alike, so differences hold.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import shutil
@@ -46,6 +48,8 @@ import psutil
 import uvloop
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from agent.stress.generator import Generator, Load, Request, percentile  # noqa: E402
 
 
 def free_port() -> int:
@@ -158,76 +162,16 @@ def nginx_config(prefix: Path, name: str, body: str) -> Path:
     return path
 
 
-# --- the open-loop generator ------------------------------------------------------------
+# --- latency at a fixed rate ----------------------------------------------------------------
 
 
-class _Conn(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.waiter: asyncio.Future | None = None
-        self.transport = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        head_end = self.buffer.find(b"\r\n\r\n")
-        if head_end < 0:
-            return
-        match = re.search(rb"(?i)content-length:\s*(\d+)", self.buffer[:head_end])
-        total = head_end + 4 + int(match.group(1))
-        if len(self.buffer) >= total and self.waiter is not None and not self.waiter.done():
-            status = int(self.buffer[9:12])
-            self.buffer = self.buffer[total:]
-            self.waiter.set_result(status)
-
-    def connection_lost(self, exc) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("closed"))
-
-
-async def open_loop(port: int, rate: float, seconds: float, path: str = "/") -> tuple[list[float], int]:
-    """Send `rate` requests/s for `seconds` on a schedule; latency from each scheduled time."""
-    loop = asyncio.get_running_loop()
-    idle: list[_Conn] = []
-    latencies: list[float] = []
-    errors = 0
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-
-    async def one(scheduled: float) -> None:
-        nonlocal errors
-        conn = idle.pop() if idle else None
-        if conn is None:
-            _, conn = await loop.create_connection(_Conn, "127.0.0.1", port)
-        conn.waiter = loop.create_future()
-        conn.transport.write(request)
-        try:
-            status = await conn.waiter
-        except ConnectionError:
-            errors += 1
-            return
-        latencies.append(time.perf_counter() - scheduled)
-        if status != 200:
-            errors += 1
-        idle.append(conn)
-
-    # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds. Timers wake
-    # up to 1 ms late; every request due by then is sent at once, its latency counted from
-    # its scheduled time (the same lateness for every target).
-    total = int(rate * seconds)
-    start = time.perf_counter() + 0.05
-    tasks, index = [], 0
-    while index < total:
-        now = time.perf_counter()
-        while index < total and start + index / rate <= now:
-            tasks.append(asyncio.ensure_future(one(start + index / rate)))
-            index += 1
-        await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
-    await asyncio.gather(*tasks)
-    for conn in idle:
-        conn.transport.close()
-    return latencies, errors
+def open_loop(port: int, rate: float, seconds: float, path: str = "/") -> tuple[list[float], int]:
+    """`rate` requests/s for `seconds`, evenly spaced, on berth's one load generator (the one
+    `berth stress` runs): the latencies of the answered ones from each scheduled send, and the
+    count of failed ones."""
+    with Generator([Request(path)], f"http://127.0.0.1:{port}") as generator:
+        run = generator.run(Load(rate=rate, seconds=seconds, burstiness=math.inf))
+    return run.latencies(), run.errors
 
 
 async def sse_timings(port: int, streams: int = 10, events: int = 25) -> tuple[float, float]:
@@ -249,11 +193,6 @@ async def sse_timings(port: int, streams: int = 10, events: int = 25) -> tuple[f
         firsts.append(arrivals[0] - sent)
         gaps += [b - a for a, b in zip(arrivals, arrivals[1:-1])]
     return statistics.mean(firsts) * 1000, statistics.mean(gaps) * 1000
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def h2load_max(port: int, seconds: float, pid: int | None, path: str = "/") -> tuple[float, float | None]:
@@ -345,7 +284,7 @@ def run(targets: dict, args, sse_ports: tuple[int, int], ceilings: dict[str, tup
              f"{os.getloadavg()[0]:.1f} at the start; python {sys.version.split()[0]}; nginx 1 worker; "
              f"{args.seconds:g} s per run, {args.rounds} rounds"]
     lines.append("")
-    lines.append(f"| rate (req/s) | target | p50 ms | p99 ms | added p50 ms | added p99 ms | p99 - nginx's ms | errors | CPU us/req |")
+    lines.append("| rate (req/s) | target | p50 ms | p99 ms | added p50 ms | added p99 ms | p99 - nginx's ms | errors | CPU us/req |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for rate in (float(r) for r in args.rates.split(",")):
         p50s: dict[str, list[float]] = {name: [] for name in targets}
@@ -356,7 +295,7 @@ def run(targets: dict, args, sse_ports: tuple[int, int], ceilings: dict[str, tup
             for name, (port, pid) in targets.items():
                 progress(f"{rate:.0f} req/s, round {round_ + 1} of {args.rounds}: {name}")
                 before = cpu_seconds(pid) if pid else 0.0
-                latencies, failed = uvloop.run(open_loop(port, rate, args.seconds))
+                latencies, failed = open_loop(port, rate, args.seconds)
                 cpu[name] += (cpu_seconds(pid) - before) if pid else 0.0
                 p50s[name].append(percentile(latencies, 0.5))
                 p99s[name].append(percentile(latencies, 0.99))
