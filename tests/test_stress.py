@@ -155,7 +155,10 @@ def test_duration_bounds_every_mode_and_ctrl_c_writes_the_report(tmp_path: Path)
         out = tmp_path / "interrupted"
         process = subprocess.Popen([*BERTH, "stress", url, "--mode", "rate", "--rate", "50,50,50", "--step", "20", "--out", str(out)],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-        time.sleep(4)
+        header = ""
+        while "mode rate" not in header and process.poll() is None:  # the run has begun (on a loaded box, seconds after the start)
+            header = process.stdout.readline()
+        time.sleep(2)  # into the first 20 s step
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
         assert process.returncode == 0, output
