@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import signal
 
 from bootstrap.errors import UsageError
 
@@ -137,4 +138,7 @@ def run_stress(args: argparse.Namespace) -> int:
         raise UsageError("--burstiness must be more than 0 (1 is Poisson; inf is evenly spaced)")
     from agent.stress.run import main
 
+    # Ctrl-C (or kill -INT) stops the run and writes the report of what ran, even where the
+    # shell started this process with SIGINT ignored (a background job without job control).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return main(args)
