@@ -430,7 +430,9 @@ class Lifecycle:
         detail = f"exit code {info.code} ({info.reason}{', OOM-killed' if info.oom else ''})"
         if info.message:  # the runtime's or berth boot's own account says more than a log line
             detail += f": {info.message}"
-        self._event("Exited", detail + (f": {info.log_tail[-1]}" if info.log_tail and not info.message else ""), inst.service, inst)
+        elif info.log_tail:
+            detail += f": {info.log_tail[-1]}"
+        self._event("Exited", detail, inst.service, inst)
         if inst.ready_since is not None and info.at - inst.ready_since >= self.config.timings.backoff_reset_s:
             inst.failures_in_row = 0
         inst.ready_since = None

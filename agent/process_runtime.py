@@ -201,8 +201,7 @@ class ProcessRuntime:
         try:
             status = json.loads(Path(record["status"]).read_text())
             code = status.get("exit_code")
-            # berth boot's own account of the failure; its first line (the child's output follows).
-            message = (status.get("last_error") or "").partition("\n")[0] if code else ""
+            message = (status.get("failure_reason") or "") if code else ""  # berth boot's own account
         except (OSError, json.JSONDecodeError):
             pass
         with self._lock:

@@ -119,7 +119,7 @@ class Boot:
             await self._close()
         self.state.finish(code)
         # The last line of the log says why: a runtime that knows only the log's tail (Docker) shows it.
-        why = (self.state.last_error or "").partition("\n")[0] if code else ""
+        why = self.state.failure_reason if code else ""
         log.info("exit code %d%s", code, f": {why}" if why else "")
         return code
 
@@ -196,8 +196,9 @@ class Boot:
                     successes = probe.success_threshold if probe else 1
                     await probes.ProbeLoop(check, self.config.probe_interval, successes).until_passing()
         except TimeoutError:
-            advice = f" ({self._port_advice()})" if self._port_advice() else ""
-            raise StartupFailed(f"the child did not pass its startup check within {timeout:g} s (--startup-timeout){advice}") from None
+            advice = self._port_advice()
+            raise StartupFailed(f"the child did not pass its startup check within {timeout:g} s (--startup-timeout)"
+                                + (f" ({advice})" if advice else "")) from None
 
     def _port_advice(self) -> str:
         """For an instance given its own port (not the spec's): what a command that ignores PORT does."""
@@ -317,8 +318,9 @@ class Boot:
         phase = self.state.state.value
         tail = self.child.tail.text()
         message = f"the child {describe_exit(returncode)} during {phase}"
-        if self._port_advice() and phase == State.LAUNCHING.value:
-            message += f" ({self._port_advice()})"
+        advice = self._port_advice()
+        if advice and phase == State.LAUNCHING.value:
+            message += f" ({advice})"
         return self._fail(self._exit_code(returncode), message + (f"\nits last output:\n{tail}" if tail else ""))
 
     def _fail(self, code: int, message: str) -> int:

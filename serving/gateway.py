@@ -34,10 +34,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from agent.gateway_process import ADDRESSES, PIDFILE
+from bootstrap.jsonfile import read_json_object
 from serving.http import Request, Response
 from serving.metrics import LATENCY_BUCKETS
 from serving.proxy import forwarded_headers, relay
-from bootstrap.jsonfile import read_json_object
 from serving.routing import Backend, Hold, RouteTable, Service, TableError, choose, parse_table, pick, redacted, waiting_requests
 from serving.server import Server, ServerLimits
 from serving.upstream import NotReachable, UpstreamError

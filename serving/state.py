@@ -96,6 +96,11 @@ class BootState:
     def alive(self) -> bool:
         return self.state is not State.FAILED and self.live and (self.child_pid is not None or self.state.value in _NO_CHILD_YET)
 
+    @property
+    def failure_reason(self) -> str:
+        """Why berth boot failed, in one line: `last_error`'s first (the child's output follows it)."""
+        return (self.last_error or "").partition("\n")[0]
+
     def on_change(self, listener: Callable[[State], None]) -> None:
         self._listeners.append(listener)
 
@@ -140,6 +145,7 @@ class BootState:
             # berth boot never restarts its child (that is the agent's job): always 0 here.
             "restarts": 0,
             "last_error": self.last_error,
+            "failure_reason": self.failure_reason,
             "exit_code": self.exit_code,
             "uptime_s": round(time.time() - self.started_at, 3),
         }

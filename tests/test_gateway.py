@@ -138,6 +138,12 @@ def test_a_stream_survives_its_instance_leaving_the_routes(backends, gateways):
     assert len(events) == 9 and events[-1] == b"data: [DONE]", events
 
 
+def mirror_outcomes(gateway, service: str) -> dict[str, float]:
+    """The gateway's mirror copies to `service` by outcome (sent, failed, dropped), from its /metrics."""
+    pattern = rf'berth_gateway_mirror_requests_total\{{outcome="(\w+)",service="{service}"\}} ([0-9.]+)'
+    return {outcome: float(value) for outcome, value in re.findall(pattern, gateway.admin("/metrics").text)}
+
+
 def test_group_split_80_20(backends, gateways):
     a, b = backends[:2]
     gateway = gateways({"services": {"a": service(a), "b": service(b)},
@@ -153,14 +159,9 @@ def test_mirror_50_percent_answers_from_primary(backends, gateways):
                                                        {"service": "b", "weight": 0, "mirror_weight": 50}]}}})
     counts = whoami_counts(gateway, "/api/predict/chat/whoami", 1000)
     assert counts == {a.port: 1000}  # every client answer from the primary
-
-    def mirrored() -> dict[str, float]:
-        found = re.findall(r'berth_gateway_mirror_requests_total\{outcome="(\w+)",service="b"\} ([0-9.]+)', gateway.admin("/metrics").text)
-        return {outcome: float(value) for outcome, value in found}
-
-    wait_until(lambda: sum(mirrored().values()) >= 1000 * 0.42, 10, "mirror copies counted")
+    wait_until(lambda: sum(mirror_outcomes(gateway, "b").values()) >= 1000 * 0.42, 10, "mirror copies counted")
     time.sleep(0.5)
-    copies = mirrored()
+    copies = mirror_outcomes(gateway, "b")
     assert abs(copies.get("sent", 0) / 1000 - 0.50) <= 0.08, copies
     assert gateway.admin("/v1/stats").json()["services"]["b"]["requests_total"] == 0  # copies never count as demand
 
@@ -172,11 +173,7 @@ def test_no_mirror_copy_to_the_service_a_request_was_sent_to(backends, gateways)
                                                        {"service": "b", "weight": 50, "mirror_weight": 100}]}}})
     counts = whoami_counts(gateway, "/api/predict/chat/whoami", 200)
     assert counts[a.port] and counts[b.port], counts
-
-    def sent() -> float:
-        found = re.search(r'berth_gateway_mirror_requests_total\{outcome="sent",service="b"\} ([0-9.]+)', gateway.admin("/metrics").text)
-        return float(found.group(1)) if found else 0.0
-
+    sent = lambda: mirror_outcomes(gateway, "b").get("sent", 0.0)  # noqa: E731
     wait_until(lambda: sent() >= counts[a.port], 10, "mirror copies counted")
     time.sleep(0.3)
     assert sent() == counts[a.port]  # a copy of each request answered by a; none of those b answered itself
@@ -196,13 +193,9 @@ def test_mirror_copies_in_flight_are_bounded_and_the_rest_dropped_and_counted(ba
     for client in clients:
         client.join(20)
     assert answers == [200] * 4  # every client answered, by the primary, whatever became of its copy
-
-    def outcomes() -> dict[str, float]:
-        found = re.findall(r'berth_gateway_mirror_requests_total\{outcome="(\w+)",service="b"\} ([0-9.]+)', gateway.admin("/metrics").text)
-        return {outcome: float(value) for outcome, value in found}
-
-    wait_until(lambda: sum(outcomes().values()) == 4, 10, "every copy counted")
-    assert outcomes().get("dropped", 0) >= 1 and outcomes().get("sent", 0) >= 1, outcomes()
+    wait_until(lambda: sum(mirror_outcomes(gateway, "b").values()) == 4, 10, "every copy counted")
+    outcomes = mirror_outcomes(gateway, "b")
+    assert outcomes.get("dropped", 0) >= 1 and outcomes.get("sent", 0) >= 1, outcomes
 
 
 def test_header_route(backends, gateways):
