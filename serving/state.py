@@ -41,8 +41,8 @@ class Inflight:
         self.count = 0
         self._area = 0.0
         self._changed_at = self._window_start = time.monotonic()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # The drain's wait for zero, made only when it waits: no event toggled per request.
+        self._idle: asyncio.Future[None] | None = None
 
     def add(self, delta: int) -> None:
         now = time.monotonic()
@@ -50,10 +50,9 @@ class Inflight:
         self._area += count * (now - self._changed_at)
         self._changed_at = now
         self.count = count = count + delta
-        if count == 0:
-            self._idle.set()
-        elif count == delta:  # from idle: the only change that needs the event cleared
-            self._idle.clear()
+        if count == 0 and self._idle is not None:
+            self._idle.set_result(None)
+            self._idle = None
 
     def take_average(self) -> float:
         """The time-weighted average since the last call; starts a new window."""
@@ -64,7 +63,12 @@ class Inflight:
         return area / span if span > 0 else float(self.count)
 
     async def wait_idle(self) -> None:
-        await self._idle.wait()
+        """Until no request is in flight (at once if none is)."""
+        if self.count == 0:
+            return
+        if self._idle is None:
+            self._idle = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._idle)  # a waiter cancelled (its deadline) leaves it for the others
 
 
 class BootState:

@@ -56,6 +56,30 @@ def test_drain_gates_by_state():
     assert codes == [503, 200, 200, (503, "close")]
 
 
+def test_drain_counts_in_flight_and_wakes_every_wait_for_zero():
+    async def exchange(session, url, state):
+        state.set(State.READY)
+        await state.inflight.wait_idle()  # nothing in flight: at once
+        slow = asyncio.ensure_future(session.get(url + "/?sleep=0.4"))
+        while state.inflight.count == 0:
+            await asyncio.sleep(0.01)
+        with_deadline = asyncio.ensure_future(asyncio.wait_for(state.inflight.wait_idle(), 0.1))
+        patient = asyncio.ensure_future(state.inflight.wait_idle())
+        try:
+            await with_deadline
+            return "the short wait ended with a request in flight"
+        except asyncio.TimeoutError:
+            pass
+        started = time.monotonic()
+        await asyncio.wait_for(patient, 5)  # still woken although the other wait was cancelled
+        waited = time.monotonic() - started
+        status = (await slow).status
+        return status, state.inflight.count, waited > 0.1
+
+    outcome = _serve(lambda state, metrics: Drain(state, ProxyConfig(upstream_port=1), metrics, _ok), exchange)
+    assert outcome == (200, 0, True)
+
+
 def test_timeout_answers_504():
     async def exchange(session, url, state):
         async with session.get(url + "/?sleep=0.5") as slow, session.get(url + "/?sleep=0") as fast:
