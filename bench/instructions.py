@@ -4,7 +4,7 @@
 
 The throughput figures of bench/proxy.py and bench/gateway.py move by 10-40% between runs
 on a shared 2-core VM, and berth's rate against nginx's with them (32% and 40% in two sessions for the
-same commit). Instructions executed do not: each target runs under valgrind's callgrind with
+same data path). Instructions executed do not: each target runs under valgrind's callgrind with
 counting off, is warmed up, then counts only while h2load sends a fixed number of requests
 (16 connections, keep-alive). The figure is user space only (the kernel's side, the same
 two reads and two writes per request for every target here, is not counted), and says what
