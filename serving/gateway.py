@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +38,7 @@ from agent.gateway_process import ADDRESSES, PIDFILE
 from bootstrap.jsonfile import read_json_object
 from serving.http import Request, Response
 from serving.metrics import LATENCY_BUCKETS
-from serving.proxy import forwarded_headers, relay
+from serving.proxy import REQUEST_HOP_BY_HOP, forwarded_headers, relay
 from serving.routing import Backend, Hold, RouteTable, Service, TableError, choose, parse_table, pick, redacted, waiting_requests
 from serving.server import Server, ServerLimits
 from serving.upstream import NotReachable, UpstreamError
@@ -105,12 +106,7 @@ class Stats:
         counts = self.latency.get((name, service))
         if counts is None:
             counts = self.latency[(name, service)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        for index, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                counts[index] += 1
-                break
-        else:
-            counts[len(LATENCY_BUCKETS)] += 1
+        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket whose bound is >= seconds; past all: +Inf
         counts[-1] += seconds
 
 
@@ -140,6 +136,10 @@ class Gateway:
         self._mirrors = 0
         self._tasks: set[asyncio.Task] = set()
         self._access = open(config.access_log, "a", buffering=1) if config.access_log else None
+        # Headers never passed to an instance: the hop-by-hop ones, a client's forwarded ones
+        # unless trusted, and through a group its token (each member is called with its own).
+        self._drop = REQUEST_HOP_BY_HOP if config.trust_forwarded else REQUEST_HOP_BY_HOP | UNTRUSTED
+        self._drop_via_group = self._drop | {b"authorization"}
 
     # --- the table ---------------------------------------------------------------------------
 
@@ -197,8 +197,8 @@ class Gateway:
         if not target.startswith(PREFIX):
             return _json(404, f"no route for {target.split('?')[0]!r}: the gateway serves /api/predict/<service or group>/...")
         rest = target[len(PREFIX):]
-        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-        name, path = rest[:cut], rest[cut:]
+        name = rest.split("/", 1)[0].split("?", 1)[0]  # up to the first "/" or "?"
+        path = rest[len(name):]
         path = path if path.startswith("/") else "/" + path
         table = self.table
         group = table.groups.get(name)
@@ -312,16 +312,7 @@ class Gateway:
     def _headers(self, request: Request, service: Service, via_group: bool) -> list[tuple[bytes, bytes]]:
         """The client's headers as an instance should see them: forwarded ones set, and through a
         group the member's own token instead of the group's."""
-        original = request.headers
-        if not self.config.trust_forwarded or via_group:
-            drop = UNTRUSTED if not self.config.trust_forwarded else frozenset()
-            if via_group:
-                drop = drop | {b"authorization"}
-            request.headers = [pair for pair in original if pair[0].lower() not in drop]
-        try:
-            headers = forwarded_headers(request, b"localhost")
-        finally:
-            request.headers = original
+        headers = forwarded_headers(request, b"localhost", self._drop_via_group if via_group else self._drop)
         if via_group and service.token is not None:
             headers.append((b"Authorization", b"Bearer " + service.token))
         return headers

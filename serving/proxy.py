@@ -258,15 +258,16 @@ async def relay(request: Request, upstream: UpstreamResponse, extra: Headers | N
     return response
 
 
-def forwarded_headers(request: Request, default_host: bytes) -> Headers:
-    """The client's headers minus hop-by-hop ones (and those its Connection header names).
+def forwarded_headers(request: Request, default_host: bytes, drop: frozenset[bytes] = REQUEST_HOP_BY_HOP) -> Headers:
+    """The client's headers minus `drop` (lower-case names: the hop-by-hop ones, and what a
+    caller adds to them) and those its Connection header names.
 
     X-Forwarded-For gains the client's address; X-Forwarded-Proto is set from the connection
     (a client's own claim is dropped); X-Forwarded-Host is the client's Host unless a proxy
     before us set it; Host is ours if the client sent none. A WebSocket upgrade keeps
     `Upgrade` and `Connection: upgrade`.
     """
-    dropped = REQUEST_HOP_BY_HOP | request.hop_by_hop if request.hop_by_hop else REQUEST_HOP_BY_HOP
+    dropped = drop | request.hop_by_hop if request.hop_by_hop else drop
     headers: Headers = []
     prior: list[bytes] = []
     host = None

@@ -10,6 +10,8 @@ import time
 import pytest
 import requests
 
+from serving.gateway import Stats
+from serving.metrics import LATENCY_BUCKETS
 from tests.harness.gateway import Backend, Gateway, service
 from tests.harness.load import SteadyLoad
 from tests.harness.parts import free_port, wait_until
@@ -371,3 +373,13 @@ def test_websocket_is_tunnelled_and_the_access_log_has_a_line_per_request(backen
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(line["path"], line["status"]) for line in lines] == [("/api/predict/s/ws", 101), ("/api/predict/s/whoami", 200)]
     assert "ws-token" not in log.read_text()
+
+
+def test_latency_lands_in_the_first_bucket_whose_bound_holds_it():
+    stats = Stats()
+    for seconds in (0.001, 0.0011, 0.3, 10_000.0):  # on a bound, just past it, between, past all (+Inf)
+        stats.observe("n", "s", "i", 200, seconds)
+    counts = stats.latency[("n", "s")]
+    placed = {index: count for index, count in enumerate(counts[:-1]) if count}
+    assert placed == {0: 1, 1: 1, LATENCY_BUCKETS.index(0.5): 1, len(LATENCY_BUCKETS): 1}
+    assert counts[-1] == pytest.approx(0.001 + 0.0011 + 0.3 + 10_000.0)
