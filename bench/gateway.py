@@ -33,11 +33,10 @@ from pathlib import Path
 
 import psutil
 
-from bench.proxy import NGINX_CONF, cpu_seconds, free_port, h2load_max, open_loop, percentile, wait_port
+from bench.proxy import NGINX_CONF, UPSTREAM_BODY as BACKEND, cpu_seconds, free_port, h2load_max, open_loop, percentile, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 PATH = "/api/predict/c/"
-BACKEND = """server {{ listen 127.0.0.1:{port}; location / {{ default_type text/plain; return 200 "ok\\n"; }} }}"""
 LEAST_CONN = """\
 upstream app {{ least_conn; server 127.0.0.1:{a}; server 127.0.0.1:{b}; keepalive 64; }}
   server {{
@@ -52,14 +51,20 @@ def nginx(prefix: Path, name: str, body: str) -> subprocess.Popen:
     return subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf)], stderr=subprocess.DEVNULL)
 
 
+def routes_file(prefix: Path, a: int, b: int) -> Path:
+    """`berth gateway --routes-file`'s table: service "c" on the backends at ports a and b."""
+    routes = prefix / "routes.json"
+    routes.write_text(json.dumps({"services": {"c": {"instances": [{"id": "a", "url": f"http://127.0.0.1:{a}"},
+                                                                   {"id": "b", "url": f"http://127.0.0.1:{b}"}]}}}))
+    return routes
+
+
 def proxying(args: argparse.Namespace) -> list[str]:
     prefix = Path(tempfile.mkdtemp(prefix="berth-bench-gateway-"))
     a, b, front, gateway_port, admin_port = (free_port() for _ in range(5))
     processes = [nginx(prefix, "a", BACKEND.format(port=a)), nginx(prefix, "b", BACKEND.format(port=b)),
                  nginx(prefix, "front", LEAST_CONN.format(a=a, b=b, port=front))]
-    routes = prefix / "routes.json"
-    routes.write_text(json.dumps({"services": {"c": {"instances": [{"id": "a", "url": f"http://127.0.0.1:{a}"},
-                                                                   {"id": "b", "url": f"http://127.0.0.1:{b}"}]}}}))
+    routes = routes_file(prefix, a, b)
     try:
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "bootstrap.cli", "gateway", "--routes-file", str(routes), "--listen", f"127.0.0.1:{gateway_port}",

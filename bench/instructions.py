@@ -24,7 +24,6 @@ Needs valgrind, nginx and h2load: `apt-get install valgrind nginx nghttp2-client
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -33,16 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.proxy import BERTH_HELLO, LEAN_PROXY, NGINX_CONF, free_port, progress, wait_port
+from bench.gateway import BACKEND, LEAST_CONN, PATH as GATEWAY_PATH, routes_file
+from bench.proxy import BERTH_HELLO, LEAN_PROXY, NGINX_CONF, PROXY_BODY, free_port, progress, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
-BACKEND = """server {{ listen 127.0.0.1:{port}; location / {{ default_type text/plain; return 200 "ok\\n"; }} }}"""
-NGINX_PROXY = """\
-upstream app {{ {balance} {servers} keepalive 64; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location {path} {{ proxy_pass http://app/; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-  }}"""
 # berth boot's chain exactly as bootstrap/boot.py builds it, with the state READY.
 BERTH_CHAIN = """\
 import asyncio, sys, uvloop
@@ -57,7 +50,6 @@ async def main():
     await asyncio.Event().wait()
 uvloop.run(main())
 """
-GATEWAY_PATH = "/api/predict/c/"
 
 
 def counted(command: list[str], port: int, path: str, requests: int, out: Path, log: Path) -> int:
@@ -112,27 +104,25 @@ def main() -> int:
         conf = prefix / f"{name}.conf"
         conf.write_text(NGINX_CONF.format(prefix=prefix, name=name, body=BACKEND.format(port=port)))
         backends.append(subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf)], stderr=subprocess.DEVNULL))
-    routes = prefix / "routes.json"
-    routes.write_text(json.dumps({"services": {"c": {"instances": [{"id": "a", "url": f"http://127.0.0.1:{a}"},
-                                                                   {"id": "b", "url": f"http://127.0.0.1:{b}"}]}}}))
+    routes = routes_file(prefix, a, b)
     python = [sys.executable, "-c"]
 
-    def nginx_proxy(name: str, port: int, balance: str, servers: list[int], path: str) -> list[str]:
+    def nginx_proxy(name: str, body: str) -> list[str]:
         conf = prefix / f"{name}.conf"
-        body = NGINX_PROXY.format(balance=balance, servers=" ".join(f"server 127.0.0.1:{s};" for s in servers), port=port, path=path)
         # One process, as valgrind counts it: the master's worker loop runs in the master.
         conf.write_text("master_process off;\n" + NGINX_CONF.format(prefix=prefix, name=name, body=body))
         return ["nginx", "-p", str(prefix), "-c", str(conf)]
 
     ports = {name: free_port() for name in ("nginx", "berth", "lean", "hello", "nginx_lc", "gateway")}
     targets = {
-        "nginx, reverse proxy (keep-alive upstream)": (nginx_proxy("proxy", ports["nginx"], "", [a], "/"), ports["nginx"], "/"),
+        "nginx, reverse proxy (keep-alive upstream)": (
+            nginx_proxy("proxy", PROXY_BODY.format(port=ports["nginx"], upstream=a, sse=a)), ports["nginx"], "/"),
         "berth boot's chain (Drain, Timeout, Limits, Measure, Forward)": (
             [*python, BERTH_CHAIN, str(ports["berth"]), str(a)], ports["berth"], "/"),
         "httptools protocol + berth's pool (no chain)": ([*python, LEAN_PROXY, str(ports["lean"]), str(a)], ports["lean"], "/"),
         "berth's server, hello world (no upstream)": ([*python, BERTH_HELLO, str(ports["hello"])], ports["hello"], "/"),
         "nginx least_conn over two backends": (
-            nginx_proxy("least", ports["nginx_lc"], "least_conn;", [a, b], GATEWAY_PATH), ports["nginx_lc"], GATEWAY_PATH),
+            nginx_proxy("least", LEAST_CONN.format(a=a, b=b, port=ports["nginx_lc"])), ports["nginx_lc"], GATEWAY_PATH),
         "berth gateway --routes-file over two backends": (
             [sys.executable, "-m", "bootstrap.cli", "gateway", "--routes-file", str(routes), "--listen",
              f"127.0.0.1:{ports['gateway']}", "--admin", f"127.0.0.1:{free_port()}"], ports["gateway"], GATEWAY_PATH),

@@ -24,7 +24,6 @@ import math
 import os
 import signal
 import time
-from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,13 +31,12 @@ from typing import Any, Callable
 import aiohttp
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.utils import floatToGoString
 
 from agent.gateway_process import ADDRESSES, PIDFILE
 from bootstrap.jsonfile import read_json_object
 from serving.http import Request, Response
-from serving.metrics import LATENCY_BUCKETS
-from serving.proxy import REQUEST_HOP_BY_HOP, forwarded_headers, relay
+from serving.metrics import LoopHistogram
+from serving.proxy import FORWARDING, REQUEST_HOP_BY_HOP, forwarded_headers, relay
 from serving.routing import Backend, Hold, RouteTable, Service, TableError, choose, parse_table, pick, redacted, waiting_requests
 from serving.server import Server, ServerLimits
 from serving.upstream import NotReachable, UpstreamError
@@ -50,7 +48,7 @@ PREFIX = "/api/predict/"
 JSON = (b"Content-Type", b"application/json")
 MIRROR_HEADER = (b"X-Berth-Mirror", b"1")
 SLICE_S, SLICES = 10, 6  # a group's observed split: the last minute, in 10 s slices
-UNTRUSTED = frozenset({b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto"})
+UNTRUSTED = FORWARDING - {b"host"}  # a client's X-Forwarded-*: replaced unless --trust-forwarded
 
 
 @dataclass
@@ -75,7 +73,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str, int], int] = {}  # (name, service, instance, code)
-        self.latency: dict[tuple[str, str], list[float]] = {}  # (name, service) -> bucket counts + sum at the end
+        self.latency: dict[tuple[str, str], LoopHistogram] = {}  # (name, service)
         self.requests_total: dict[str, int] = {}  # per service, mirror copies excluded (the autoscaler's)
         self.inflight: dict[str, int] = {}
         self.retries: dict[str, int] = {}
@@ -103,11 +101,10 @@ class Stats:
                 self.recent = {k: v for k, v in self.recent.items() if k[1] > key[1] - SLICES}
                 self.recent[key] = {}
             self.add(self.recent[key], service)
-        counts = self.latency.get((name, service))
-        if counts is None:
-            counts = self.latency[(name, service)] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bucket whose bound is >= seconds; past all: +Inf
-        counts[-1] += seconds
+        histogram = self.latency.get((name, service))
+        if histogram is None:
+            histogram = self.latency[(name, service)] = LoopHistogram()
+        histogram.observe(seconds)
 
 
 class Trace:
@@ -402,12 +399,8 @@ class _Collector:
         yield requests
         latency = HistogramMetricFamily("berth_gateway_request_duration_seconds", "Time from request to the end of the answer",
                                         labels=["name", "service"])
-        for (name, service), counts in sorted(stats.latency.items()):
-            cumulative, buckets = 0.0, []
-            for bound, count in zip((*map(floatToGoString, LATENCY_BUCKETS), "+Inf"), counts[:-1]):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            latency.add_metric([name, service], buckets, counts[-1])
+        for (name, service), histogram in sorted(stats.latency.items()):
+            latency.add_metric([name, service], histogram.cumulative(), histogram.sum)
         yield latency
         inflight = GaugeMetricFamily("berth_gateway_inflight_requests", "Client requests in flight, by service", labels=["service"])
         held = GaugeMetricFamily("berth_gateway_held_requests", "Requests waiting for a Ready instance, by service", labels=["service"])

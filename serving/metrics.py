@@ -43,8 +43,8 @@ class Metrics:
         self.queue_depth = Gauge("berth_queue_depth", "Requests waiting for a concurrency slot", registry=r)
         self.queue_depth.set_function(lambda: state.queued)
         self.by_status: dict[int, int] = {}
-        self.latency = LoopHistogram("berth_request_duration_seconds", "Time from request to the end of the response")
-        self.ttfb = LoopHistogram("berth_time_to_first_byte_seconds", "Time from request to the response's first byte")
+        self.latency = LoopHistogram()  # berth_request_duration_seconds
+        self.ttfb = LoopHistogram()  # berth_time_to_first_byte_seconds
         r.register(_RequestCollector(self))
         self.state_enum = Enum("berth_state", "The bootstrap's state", states=[s.value for s in State], registry=r)
         self.state_enum.state(state.state.value)
@@ -82,8 +82,8 @@ class Metrics:
 class LoopHistogram:
     """A histogram observed from the event loop only: bucket counts in a list, no lock."""
 
-    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.name, self.documentation, self.bounds = name, documentation, buckets
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = buckets
         self.counts = [0] * (len(buckets) + 1)  # the last: over every bound (+Inf only)
         self.sum = 0.0
 
@@ -91,12 +91,13 @@ class LoopHistogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # Prometheus buckets are "less or equal"
         self.sum += value
 
-    def family(self) -> HistogramMetricFamily:
-        cumulative, buckets = 0, []
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(bound, count of values at or under it) per bucket, +Inf last: what Prometheus exposes."""
+        total, buckets = 0, []
         for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts):
-            cumulative += count
-            buckets.append((bound, cumulative))
-        return HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self.sum)
+            total += count
+            buckets.append((bound, total))
+        return buckets
 
 
 class _RequestCollector:
@@ -108,8 +109,11 @@ class _RequestCollector:
         for status, count in sorted(self.metrics.by_status.items()):
             requests.add_metric([str(status)], count)
         yield requests
-        yield self.metrics.latency.family()
-        yield self.metrics.ttfb.family()
+        latency, ttfb = self.metrics.latency, self.metrics.ttfb
+        yield HistogramMetricFamily("berth_request_duration_seconds", "Time from request to the end of the response",
+                                    buckets=latency.cumulative(), sum_value=latency.sum)
+        yield HistogramMetricFamily("berth_time_to_first_byte_seconds", "Time from request to the response's first byte",
+                                    buckets=ttfb.cumulative(), sum_value=ttfb.sum)
 
 
 class _ChildCollector:

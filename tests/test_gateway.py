@@ -379,7 +379,8 @@ def test_latency_lands_in_the_first_bucket_whose_bound_holds_it():
     stats = Stats()
     for seconds in (0.001, 0.0011, 0.3, 10_000.0):  # on a bound, just past it, between, past all (+Inf)
         stats.observe("n", "s", "i", 200, seconds)
-    counts = stats.latency[("n", "s")]
+    histogram = stats.latency[("n", "s")]
+    counts = [*histogram.counts, histogram.sum]
     placed = {index: count for index, count in enumerate(counts[:-1]) if count}
     assert placed == {0: 1, 1: 1, LATENCY_BUCKETS.index(0.5): 1, len(LATENCY_BUCKETS): 1}
     assert counts[-1] == pytest.approx(0.001 + 0.0011 + 0.3 + 10_000.0)
