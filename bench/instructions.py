@@ -12,7 +12,7 @@ a change to berth's code costs or saves per request, exactly, in one short run.
 
 Targets, each a proxy in front of nginx returning a constant (two backends for the gateways):
 - nginx as a keep-alive reverse proxy (1 process), and with `least_conn` over two backends;
-- berth boot's chain (Drain, Timeout, Limits, Measure, Forward) on berth's server side and
+- berth boot's data path (the express lane, the chain behind it) on berth's server side and
   pool, assembled as `berth boot` assembles it, in one process;
 - `berth gateway --routes-file` in front of the two backends;
 - for scale: berth's server side answering a constant (no upstream), and a bare httptools
@@ -36,17 +36,17 @@ from bench.gateway import BACKEND, LEAST_CONN, PATH as GATEWAY_PATH, routes_file
 from bench.proxy import BERTH_HELLO, LEAN_PROXY, NGINX_CONF, PROXY_BODY, free_port, progress, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
-# berth boot's chain exactly as bootstrap/boot.py builds it, with the state READY.
+# berth boot's data path exactly as bootstrap/boot.py builds it, with the state READY.
 BERTH_CHAIN = """\
 import asyncio, sys, uvloop
 from serving.metrics import Metrics
-from serving.proxy import ProxyConfig, build_chain, start_server, upstream_pool
+from serving.proxy import ProxyConfig, start_proxy, upstream_pool
 from serving.state import BootState, State
 async def main():
     state = BootState(); state.set(State.READY)
     config = ProxyConfig(upstream_port=int(sys.argv[2]))
     metrics = Metrics(state)
-    await start_server(build_chain(state, config, metrics, upstream_pool(config)), "127.0.0.1", int(sys.argv[1]), config.server_limits, metrics)
+    await start_proxy(state, config, metrics, upstream_pool(config), "127.0.0.1", int(sys.argv[1]))
     await asyncio.Event().wait()
 uvloop.run(main())
 """
@@ -117,7 +117,7 @@ def main() -> int:
     targets = {
         "nginx, reverse proxy (keep-alive upstream)": (
             nginx_proxy("proxy", PROXY_BODY.format(port=ports["nginx"], upstream=a, sse=a)), ports["nginx"], "/"),
-        "berth boot's chain (Drain, Timeout, Limits, Measure, Forward)": (
+        "berth boot's data path (express lane, chain behind it)": (
             [*python, BERTH_CHAIN, str(ports["berth"]), str(a)], ports["berth"], "/"),
         "httptools protocol + berth's pool (no chain)": ([*python, LEAN_PROXY, str(ports["lean"]), str(a)], ports["lean"], "/"),
         "berth's server, hello world (no upstream)": ([*python, BERTH_HELLO, str(ports["hello"])], ports["hello"], "/"),

@@ -30,7 +30,7 @@ from serving.admin import AppMetrics, admin_app, start_admin
 from serving.engine import Engine
 from serving import timeouts
 from serving.metrics import Metrics
-from serving.proxy import ProxyConfig, build_chain, start_server, upstream_pool
+from serving.proxy import ProxyConfig, start_proxy, upstream_pool
 from serving.state import BootState, State
 
 log = logging.getLogger("berth.boot")
@@ -394,8 +394,7 @@ class Boot:
         self._closers += [runner.cleanup, app_metrics.close]
         if config.proxy is not None:
             pool = upstream_pool(config.proxy)
-            chain = build_chain(self.state, config.proxy, self.metrics, pool)
-            server, listener = await start_server(chain, config.host, config.proxy_port, config.proxy.server_limits, self.metrics)
+            server, listener = await start_proxy(self.state, config.proxy, self.metrics, pool, config.host, config.proxy_port)
 
             async def close_proxy() -> None:
                 listener.close()

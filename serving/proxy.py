@@ -3,12 +3,14 @@
 A short chain of small handlers on berth's own server side (serving/server.py), each
 testable alone (the shape of Knative's queue-proxy):
 
-    Drain -> Timeout -> Limits -> Auth -> Measure -> Forward
+    Drain -> Measure -> Timeout -> Limits -> Auth -> Forward
 
-Drain counts requests in flight and refuses them outside READY/quiet period; Timeout turns a
-slow answer into 504; Limits enforce the body size (413) and the concurrency limit with its
-bounded queue (503); Auth checks the service token (401); Measure records metrics; Forward
-relays to the child, streaming the response as it is produced, and tunnels WebSockets.
+Drain counts requests in flight and refuses them outside READY/quiet period; Measure records
+metrics of every answer past Drain (berth's own 504, 413, 401, 502 too); Timeout turns a slow
+answer into 504; Limits enforce the body size (413) and the concurrency limit with its
+bounded queue (503); Auth checks the service token (401); Forward relays to the child,
+streaming the response as it is produced, and tunnels WebSockets. The chain's express form
+(`Express`, serving/express.py) serves plain requests without it, answering as it would.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from serving.express import Exchange, Lane
 from serving.http import HOP_BY_HOP, Headers, Request, Response
 from serving.metrics import Metrics
 from serving.server import Handler, Server, ServerLimits
@@ -62,13 +65,15 @@ class ProxyConfig:
                             body_timeout=self.body_timeout, keepalive_timeout=self.keepalive_timeout)
 
 
-def reject(metrics: Metrics, status: int, reason: str, *, close: bool = False, retry_after: int | None = None,
+def reject(metrics: Metrics | None, status: int, reason: str, *, close: bool = False, retry_after: int | None = None,
            headers: Headers | None = None) -> Response:
-    """An answer berth gives itself (not the child's): counted, explained in the body."""
+    """An answer berth gives itself (not the child's), explained in the body; counted in
+    `metrics` (None inside Measure, which counts what passes through it)."""
     extra = [TEXT, *(headers or ())]
     if retry_after is not None:
         extra.append((b"Retry-After", b"%d" % retry_after))
-    metrics.count(status)
+    if metrics is not None:
+        metrics.count(status)
     return Response(status, reason.encode() + b"\n", extra, close=close)
 
 
@@ -86,9 +91,11 @@ class Drain:
 
     async def __call__(self, request: Request) -> Response:
         state = self.state
-        if state.refusing:
+        if request.sent is not None:
+            pass  # taken in by the express lane and already sent: it is served whatever the state now
+        elif state.refusing:
             return reject(self.metrics, 503, "the service is shutting down", close=True, headers=[(b"X-Berth-Reject", b"draining")])
-        if state.state is not State.READY and state.state is not State.DRAINING:
+        elif state.state is not State.READY and state.state is not State.DRAINING:
             if self.config.wait_ready <= 0 or not await self._wait_ready():
                 return reject(self.metrics, 503, f"the service is not ready ({state.state.value})", retry_after=self.config.retry_after,
                               headers=[(b"X-Berth-Reject", b"not-ready")])
@@ -117,11 +124,11 @@ class Timeout:
     sees a truncated response rather than a whole one.
     """
 
-    def __init__(self, seconds: float, metrics: Metrics, next_handler: Handler) -> None:
-        self.seconds, self.metrics, self.next = seconds, metrics, next_handler
+    def __init__(self, seconds: float, next_handler: Handler) -> None:
+        self.seconds, self.next = seconds, next_handler
 
     async def __call__(self, request: Request) -> Response:
-        request.expire_in(self.seconds)
+        request.expire_in(self.seconds - (time.perf_counter() - request.started))  # (started earlier on the express lane)
         try:
             return await self.next(request)
         except asyncio.CancelledError:
@@ -130,28 +137,28 @@ class Timeout:
             task = asyncio.current_task()
             if hasattr(task, "uncancel"):  # Python 3.11+: this cancel is handled, not pending
                 task.uncancel()
-            return reject(self.metrics, 504, f"the service did not answer within {self.seconds:g} s")
+            return reject(None, 504, f"the service did not answer within {self.seconds:g} s")
 
 
 class Limits:
     """Request body size (413: by Content-Length before reading, by counting while a chunked
     body arrives) and the optional concurrency limit with a bounded queue (503)."""
 
-    def __init__(self, config: ProxyConfig, state: BootState, metrics: Metrics, next_handler: Handler) -> None:
-        self.config, self.state, self.metrics, self.next = config, state, metrics, next_handler
+    def __init__(self, config: ProxyConfig, state: BootState, next_handler: Handler) -> None:
+        self.config, self.state, self.next = config, state, next_handler
         self._slots = asyncio.Semaphore(config.concurrency) if config.concurrency > 0 else None
 
     async def __call__(self, request: Request) -> Response:
         if request.has_body:
             limit = self.config.max_body
             if request.content_length is not None and request.content_length > limit:
-                return reject(self.metrics, 413, f"request body over the limit of {limit} bytes", close=True)
+                return reject(None, 413, f"request body over the limit of {limit} bytes", close=True)
             request.body_limit = limit  # a chunked body over it: the server answers 413 (BodyTooLarge)
             await request.body()  # read before queueing: a slot is for the child's work (100 Continue goes now)
         if self._slots is None:
             return await self.next(request)
         if self._slots.locked() and self.state.queued >= self.config.queue_limit:
-            return reject(self.metrics, 503, "too many requests queued", retry_after=self.config.retry_after)
+            return reject(None, 503, "too many requests queued", retry_after=self.config.retry_after)
         self.state.queued += 1
         try:
             await self._slots.acquire()
@@ -171,21 +178,25 @@ class Auth:
     token, not an error); the checked header is not passed on to the child.
     """
 
-    def __init__(self, token: str, metrics: Metrics, next_handler: Handler) -> None:
-        self.token = token.encode()
-        self.metrics, self.next = metrics, next_handler
+    def __init__(self, token: str, next_handler: Handler) -> None:
+        self.token, self.next = token.encode(), next_handler
 
     async def __call__(self, request: Request) -> Response:
         given = [value for name, value in request.headers if name.lower() == b"authorization"]
         if len(given) > 1:
-            return reject(self.metrics, 400, "more than one Authorization header", close=True)
-        value = given[0].strip() if given else b""
-        if value[:7].lower() == b"bearer ":
-            value = value[7:].strip()
-        if not hmac.compare_digest(value, self.token):
-            return reject(self.metrics, 401, "missing or wrong token in the Authorization header", headers=[(b"WWW-Authenticate", b"Bearer")])
+            return reject(None, 400, "more than one Authorization header", close=True)
+        if not token_matches(given[0] if given else None, self.token):
+            return reject(None, 401, "missing or wrong token in the Authorization header", headers=[(b"WWW-Authenticate", b"Bearer")])
         request.headers = [pair for pair in request.headers if pair[0].lower() != b"authorization"]
         return await self.next(request)
+
+
+def token_matches(value: bytes | None, token: bytes) -> bool:
+    """`Authorization: <token>` or `Bearer <token>`, compared in constant time as bytes."""
+    value = value.strip() if value else b""
+    if value[:7].lower() == b"bearer ":
+        value = value[7:].strip()
+    return hmac.compare_digest(value, token)
 
 
 class Measure:
@@ -214,20 +225,23 @@ class Forward:
     nginx does); any other answer (an upgrade neither made nor refused) is a 502.
     """
 
-    def __init__(self, pool: UpstreamPool, config: ProxyConfig, metrics: Metrics) -> None:
-        self.pool, self.metrics = pool, metrics
+    def __init__(self, pool: UpstreamPool, config: ProxyConfig) -> None:
+        self.pool = pool
         self.host = f"{config.upstream_host}:{config.upstream_port}".encode()
 
     async def __call__(self, request: Request) -> Response:
         body = await request.body() if request.has_body else None
         try:
-            upstream = await self.pool.request(request.method, request.target, forwarded_headers(request, self.host), body)
+            if request.sent is not None:
+                upstream = await request.sent
+            else:
+                upstream = await self.pool.request(request.method, request.target, forwarded_headers(request, self.host), body)
         except UpstreamError as exc:
-            return reject(self.metrics, 502, f"the service is not reachable: {exc}")
+            return reject(None, 502, f"the service is not reachable: {exc}")
         try:
             if request.upgrade and upstream.status != 101 and upstream.status < 400:
                 await upstream.read()
-                response = reject(self.metrics, 502, f"the service answered the WebSocket upgrade with {upstream.status}, not 101")
+                response = reject(None, 502, f"the service answered the WebSocket upgrade with {upstream.status}, not 101")
             else:
                 response = await relay(request, upstream)
         except BaseException:
@@ -302,24 +316,64 @@ def forwarded_headers(request: Request, default_host: bytes, drop: frozenset[byt
 FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host"})
 
 
+class Express:
+    """The chain's express form (serving/express.py): what Drain, Timeout, Limits, Auth,
+    Measure and Forward do with a plain request when the service is READY; anything else,
+    and every request under a concurrency limit, goes through the chain."""
+
+    def __init__(self, state: BootState, config: ProxyConfig, metrics: Metrics, pool: UpstreamPool) -> None:
+        self.state, self.config, self.metrics, self.pool = state, config, metrics, pool
+        self.timeout = config.request_timeout
+        self.token = config.token.encode() if config.token else None
+        # Auth's: the checked token never reaches the child.
+        self.drop = REQUEST_HOP_BY_HOP | {b"authorization"} if self.token is not None else REQUEST_HOP_BY_HOP
+
+    def take(self, exchange: Exchange) -> tuple[UpstreamPool, bytes] | None:
+        state = self.state
+        if state.state is not State.READY or self.config.concurrency > 0:
+            return None
+        if exchange.content_length is not None and exchange.content_length > self.config.max_body:
+            return None  # Limits answers 413
+        if self.token is not None and not token_matches(exchange.authorization, self.token):
+            return None  # Auth answers 401
+        state.inflight.add(1)
+        return self.pool, exchange.forwarded(exchange.target, exchange.client.peer.encode(), self.drop)
+
+    def finish(self, exchange: Exchange, status: int) -> bool:
+        self.state.inflight.add(-1)
+        seconds = time.perf_counter() - exchange.started
+        self.metrics.observe(status, seconds, seconds)  # its first byte goes with its last
+        return self.state.state is State.DRAINING  # as Drain: keep-alive clients move on
+
+    def release(self, exchange: Exchange) -> None:
+        self.state.inflight.add(-1)
+
+
 def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, pool: UpstreamPool) -> Handler:
-    forward = Forward(pool, config, metrics)
-    chain: Handler = Measure(metrics, forward)
+    chain: Handler = Forward(pool, config)
     if config.token:
-        chain = Auth(config.token, metrics, chain)
-    chain = Limits(config, state, metrics, chain)
-    chain = Timeout(config.request_timeout, metrics, chain)
-    return Drain(state, config, metrics, chain)
+        chain = Auth(config.token, chain)
+    chain = Limits(config, state, chain)
+    chain = Timeout(config.request_timeout, chain)
+    return Drain(state, config, metrics, Measure(metrics, chain))
+
+
+async def start_proxy(state: BootState, config: ProxyConfig, metrics: Metrics, pool: UpstreamPool, host: str, port: int
+                      ) -> tuple[Server, asyncio.AbstractServer]:
+    """`berth boot`'s data path on `host:port`: the chain, and its express form for plain requests."""
+    return await start_server(build_chain(state, config, metrics, pool), host, port, config.server_limits, metrics,
+                              Express(state, config, metrics, pool))
 
 
 def upstream_pool(config: ProxyConfig) -> UpstreamPool:
     return UpstreamPool(config.upstream_host, config.upstream_port, idle_timeout=config.upstream_idle)
 
 
-async def start_server(handler: Handler, host: str, port: int, limits: ServerLimits, metrics: Metrics | None = None
-                       ) -> tuple[Server, asyncio.AbstractServer]:
-    """Bind at once and serve `handler`; the server's own refusals (400, 431, ...) counted in `metrics`."""
-    server = Server(handler, limits, on_refuse=metrics.count if metrics is not None else None)
+async def start_server(handler: Handler, host: str, port: int, limits: ServerLimits, metrics: Metrics | None = None,
+                       express: Lane | None = None) -> tuple[Server, asyncio.AbstractServer]:
+    """Bind at once and serve `handler` (and its `express` form); the server's own refusals
+    (400, 431, ...) counted in `metrics`."""
+    server = Server(handler, limits, on_refuse=metrics.count if metrics is not None else None, express=express)
     listener = await server.listen(host, port)
     gc.freeze()  # what exists now lives as long as the process: later collections skip it
     return server, listener

@@ -41,6 +41,7 @@ from typing import AsyncIterable, Awaitable, Callable
 
 import httptools
 
+from serving.express import Exchange, Lane
 from serving.http import REASONS, BodyError, BodyIncomplete, Request, Response, TunnelEnd, Upgraded, encode_headers
 
 log = logging.getLogger("berth.server")
@@ -78,8 +79,9 @@ class Server:
     """Runs `handler` for each request on every connection it accepts."""
 
     def __init__(self, handler: Handler, limits: ServerLimits = ServerLimits(), *,
-                 on_refuse: Callable[[int], None] | None = None) -> None:
+                 on_refuse: Callable[[int], None] | None = None, express: Lane | None = None) -> None:
         self.handler, self.limits, self.on_refuse = handler, limits, on_refuse
+        self.express = express  # the handler's express form (serving/express.py), for plain requests
         self.connections: set[Connection] = set()
         self._tick = min(1.0, limits.header_timeout / 4, limits.body_timeout / 4, limits.keepalive_timeout / 4)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -95,7 +97,7 @@ class Server:
     def deadline_after(self, seconds: float) -> float:
         """The loop time `seconds` from now; the sweep runs often enough to honour it."""
         assert self._loop is not None
-        if seconds / 4 < self._tick:
+        if 0 < seconds / 4 < self._tick:  # (a deadline already past: the next sweep finds it)
             self._tick = max(0.005, seconds / 4)
             if self._sweeper is not None:
                 self._sweeper.cancel()
@@ -151,6 +153,10 @@ class Connection(asyncio.Protocol):
         self._upgrade_pending: bytearray | None = None  # bytes after an upgrade request's head
         self._tunnel: TunnelEnd | None = None
         self._tunnel_done: asyncio.Future[None] | None = None
+        self.exchange: Exchange | None = None  # a request on the express lane
+        self._held: list[bytes] = []  # what arrived while it was under way
+        self._in_message = False  # the parser is inside a request
+        self._lane: Exchange | None = None  # this connection's place on the lane, made on first use
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -162,6 +168,18 @@ class Connection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self._hold(data)
+            return
+        lane = self.server.express
+        if (lane is not None and self.active is None and not self._in_message and not self.pipeline and self.refusal is None
+                and self._tunnel is None and self._upgrade_pending is None):
+            exchange = self._lane
+            if exchange is None:
+                exchange = self._lane = Exchange(self, lane)
+            if exchange.begin(data, self.limits.max_url, self.limits.max_header_size):
+                self.exchange, self.deadline, self._fresh = exchange, None, False
+                return
         if self._tunnel is not None:
             self._tunnel.write(data)
             return
@@ -189,6 +207,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
+        if self.exchange is not None:
+            self.exchange.client_lost()
+            self.exchange = None
         if self.task is not None:
             self.task.cancel()  # the client went away: so does its request upstream
         gone = BodyIncomplete("the client closed the connection")
@@ -216,6 +237,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._url, self._headers, self._noted, self._head_size = b"", [], [], 0
+        self._in_message = True
         if self._fresh:
             self._fresh = False
         else:  # the head's total deadline runs from its first byte
@@ -259,6 +281,7 @@ class Connection(asyncio.Protocol):
             self.pause_reading()  # resumed when its handler reads it
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         request = self.parsing
         if request is not None:
             self.parsing = None
@@ -326,6 +349,42 @@ class Connection(asyncio.Protocol):
                 self.deadline, self.deadline_for = self.loop.time() + self.limits.keepalive_timeout, _IDLE
         self.resume_reading()
         return True
+
+    # --- the express lane (serving/express.py) ---------------------------------------------
+
+    def express_answered(self, head: bytes, body: bytes, close: bool) -> None:
+        """The lane's answer (its head without the Connection line) in one write."""
+        self.exchange = None
+        if self.transport is None:
+            return
+        close = close or self.closing
+        self.transport.write(b"".join((head, b"Connection: close\r\n\r\n" if close else b"\r\n", body)))
+        if close:
+            self.transport.close()
+            return
+        self.deadline, self.deadline_for = self.loop.time() + self.limits.keepalive_timeout, _IDLE
+        self._replay()
+
+    def express_escalated(self, exchange: Exchange, sent: asyncio.Future | None) -> None:
+        """The lane hands its request to the handler, as the parser would have built it; `sent`:
+        the upstream exchange already under way, which the handler picks up (`Request.sent`)."""
+        self.exchange = None
+        request = _express_request(self, exchange)
+        request.sent = sent
+        self._start(request)
+        self._replay()
+
+    def _hold(self, data: bytes) -> None:
+        """Bytes after a request on the lane (a pipelined one): read once it is answered, in order."""
+        self._held.append(data)
+        if sum(map(len, self._held)) > BODY_HIGH_WATER:
+            self.pause_reading()
+
+    def _replay(self) -> None:
+        held, self._held = self._held, []
+        self.resume_reading()
+        for data in held:
+            self.data_received(data)
 
     def _refuse(self, refused: Refused) -> None:
         """A protocol error: answered after the requests before it, then the connection closes.
@@ -478,6 +537,8 @@ class Connection(asyncio.Protocol):
         self.resume_reading()
 
     def check_deadlines(self, now: float) -> None:
+        if self.exchange is not None and now >= self.exchange.deadline:
+            self.exchange.expire()
         if self.deadline is not None and now >= self.deadline:
             log.debug("closing a connection from %s: no progress on %s in time", self.peer, self.deadline_for)
             self.deadline = None
@@ -496,7 +557,7 @@ class Connection(asyncio.Protocol):
 
     def close_when_idle(self) -> None:
         self.closing = True
-        if self.active is None and not self.pipeline and self.transport is not None:
+        if self.active is None and not self.pipeline and self.exchange is None and self.transport is not None:
             self.transport.close()
 
     def close(self) -> None:
@@ -506,6 +567,17 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _express_request(connection: Connection, exchange: Exchange) -> Request:
+    """The Request the parser and _check_head would have made of a request the express lane took."""
+    request = Request(connection, exchange.method.decode(), exchange.target.decode(), "1.1", exchange.headers())
+    request.started = exchange.started
+    request.content_length = exchange.content_length
+    if exchange.body:
+        request._feed(exchange.body)
+    request._end()
+    return request
 
 
 def _check_head(request: Request, noted: list[tuple[int, bytes]], upgrade: bool) -> None:

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import httptools
 
 from serving.http import HOP_BY_HOP, TunnelEnd, without_named
+
+if TYPE_CHECKING:
+    from serving.express import Exchange
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -148,6 +151,8 @@ class _Connection(asyncio.Protocol):
         self._chunked = False
         self._upgraded: list[bytes] | None = None  # after a 101: bytes that came before the tunnel started
         self._peer: TunnelEnd | None = None  # the tunnel's other end
+        self.express: Exchange | None = None  # an express lane's request under way (serving/express.py)
+        self.checker: httptools.HttpResponseParser | None = None  # the lane's strict parser, for whole answers
 
     async def exchange(self, method: str, data: bytes) -> Response:
         """Send one request (head and body in `data`) and wait for the answer's head."""
@@ -164,6 +169,23 @@ class _Connection(asyncio.Protocol):
         except BaseException:
             self.abort()  # cancelled (client gone, timeout) or failed: the child must see it
             raise
+
+    def resume(self, received: bytes) -> asyncio.Future[Response]:
+        """Take over a request the express lane sent: parse what it received so far, as
+        exchange() would have; the answer's head comes in the returned future, and cancelling
+        it drops the connection, as a cancelled exchange() does."""
+        self.express = None
+        self._head = head = self.loop.create_future()
+        head.add_done_callback(self._abandoned)
+        self._answered = False
+        self._response = None
+        if received:
+            self.data_received(received)
+        return head
+
+    def _abandoned(self, head: asyncio.Future[Response]) -> None:
+        if head.cancelled():
+            self.abort()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -191,6 +213,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.express is not None:
+            self.express.data_received(data)
+            return
         if self._peer is not None:
             self._peer.write(data)
             return
@@ -242,6 +267,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.pool._forget(self)
+        if self.express is not None:
+            self.express.upstream_lost()  # the chain takes it; what follows fails or ends its answer
         if self._peer is not None:
             self._peer.close()
             return
@@ -323,7 +350,7 @@ class UpstreamPool:
         if body:
             head.append(body)
         data = b"".join(head)
-        connection = self._reusable()
+        connection = self.take_idle()
         if connection is not None:
             try:
                 return await connection.exchange(method, data)
@@ -338,7 +365,8 @@ class UpstreamPool:
             connection.abort()
         self._idle.clear()
 
-    def _reusable(self) -> _Connection | None:
+    def take_idle(self) -> _Connection | None:
+        """The most recently used idle connection still safe to reuse, or None."""
         idle = self._idle
         if not idle:
             return None

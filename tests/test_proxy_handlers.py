@@ -85,7 +85,7 @@ def test_timeout_answers_504():
         async with session.get(url + "/?sleep=0.5") as slow, session.get(url + "/?sleep=0") as fast:
             return slow.status, fast.status
 
-    assert _serve(lambda state, metrics: Timeout(0.2, metrics, _ok), exchange) == (504, 200)
+    assert _serve(lambda state, metrics: Timeout(0.2, _ok), exchange) == (504, 200)
 
 
 def test_limits_count_body_bytes_and_queue():
@@ -98,7 +98,7 @@ def test_limits_count_body_bytes_and_queue():
             return queue, (big.status, fits.status)
 
     config = ProxyConfig(upstream_port=1, max_body=10, concurrency=1, queue=0)
-    assert _serve(lambda state, metrics: Limits(config, state, metrics, _ok), exchange) == ((503, 200), (413, 200))
+    assert _serve(lambda state, metrics: Limits(config, state, _ok), exchange) == ((503, 200), (413, 200))
 
 
 def test_auth_accepts_the_token_plain_or_bearer():
@@ -109,7 +109,7 @@ def test_auth_accepts_the_token_plain_or_bearer():
                 codes.append(response.status)
         return codes
 
-    assert _serve(lambda state, metrics: Auth("s3cret", metrics, _ok), exchange) == [401, 401, 200, 200, 200]
+    assert _serve(lambda state, metrics: Auth("s3cret", _ok), exchange) == [401, 401, 200, 200, 200]
 
 
 def test_a_connection_that_sends_no_request_head_is_closed():
