@@ -46,9 +46,10 @@ RESPONSE_NOTED = re.compile(rb"\n((content-length|connection|keep-alive|proxy-[^
 # Request headers the lane passes on as the chain would, or cuts; any other noted one (hop-by-hop,
 # Expect, Upgrade) sends the request to the chain, which answers or refuses it.
 _FORWARDING = frozenset({b"content-length", b"authorization", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
-# Answers the chain streams or frames apart: larger ones, no-body statuses.
+# Answers the chain streams: larger ones.
 SMALL_ANSWER = 64 * 1024
-_NO_BODY = frozenset({204, 304})
+# Statuses the chain answers: no body by status, and 503 (a refusal a gateway retries elsewhere).
+_CHAIN_STATUSES = frozenset({204, 304, 503})
 _BODY_METHODS = frozenset(method.encode() for method in BODY_METHODS)  # sent with a length even when empty
 SILENT = object()  # a parser's protocol with no on_* method: llhttp checks a message and calls nothing
 
@@ -73,7 +74,7 @@ class Exchange:
     one per connection, reused request after request."""
 
     __slots__ = ("client", "lane", "checker", "method", "target", "block", "body", "content_length", "host", "authorization",
-                 "noted", "upstream", "started", "deadline", "received", "answer")
+                 "noted", "upstream", "started", "deadline", "received", "answer", "ticket")
 
     def __init__(self, client: Connection, lane: Lane) -> None:
         self.client, self.lane = client, lane
@@ -81,6 +82,7 @@ class Exchange:
         # on only what the server's strict parser accepts.
         self.checker = httptools.HttpRequestParser(SILENT)
         self.upstream: _Connection | None = None
+        self.ticket: object = None  # the lane's own note of the request, set by its take()
         client.server.deadline_after(lane.timeout)  # the server's sweep runs often enough for the lane's deadlines
 
     def begin(self, data: bytes, max_url: int, max_header_size: int) -> bool:
@@ -231,8 +233,8 @@ class Exchange:
                 length = None  # framing or hop-by-hop headers the chain handles
                 break
             head = head.replace(b"\n" + whole + b"\n", b"\n")
-        if length is None or length > SMALL_ANSWER or status in _NO_BODY:
-            self.escalate(data)  # streamed, unsized or bodiless by status: the chain's
+        if length is None or length > SMALL_ANSWER or status in _CHAIN_STATUSES:
+            self.escalate(data)  # streamed, unsized, bodiless by status or a refusal: the chain's
             return None
         upstream = self.upstream
         upstream.keep_alive = keep_alive  # type: ignore[union-attr]

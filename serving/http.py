@@ -75,7 +75,7 @@ class Request:
     __slots__ = (
         "method", "target", "version", "headers", "peer", "scheme", "content_length", "chunked", "keep_alive",
         "upgrade", "hop_by_hop", "expect_continue", "body_limit", "deadline", "expired", "response_started", "close",
-        "started", "sent", "_connection", "_parts", "_size", "_complete", "_waiter", "_failed", "_continued",
+        "started", "sent", "ticket", "_connection", "_parts", "_size", "_complete", "_waiter", "_failed", "_continued",
     )
 
     def __init__(self, connection: Connection, method: str, target: str, version: str, headers: Headers) -> None:
@@ -95,6 +95,7 @@ class Request:
         self.close = False  # end the connection after this answer
         self.started = time.perf_counter()
         self.sent: asyncio.Future | None = None  # an upstream exchange the express lane started, for the handler to pick up
+        self.ticket: object = None  # what the lane noted when it took the request (serving/express.py's Lane.take)
         self._connection = connection
         self._parts: list[bytes] = []
         self._size = 0

@@ -370,7 +370,7 @@ class Connection(asyncio.Protocol):
         the upstream exchange already under way, which the handler picks up (`Request.sent`)."""
         self.exchange = None
         request = _express_request(self, exchange)
-        request.sent = sent
+        request.sent, request.ticket = sent, exchange.ticket
         self._start(request)
         self._replay()
 

@@ -6,6 +6,7 @@ draining) ends as the chain alone would end it."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -263,3 +264,58 @@ def test_draining_answers_close_the_connection():
         writer.close()
 
     _lane_case(check)
+
+
+@pytest.mark.parametrize("token", [None, "tok"])
+def test_the_gateways_lane_sends_and_answers_what_its_chain_does(token):
+    """`berth gateway`'s express form against its chain: paths cut to the instance's, the
+    client's X-Forwarded-* replaced, the token checked; berth boot's refusal retried elsewhere."""
+    from serving.gateway import Express as GatewayExpress
+    from serving.gateway import Gateway, GatewayConfig
+    from serving.server import Server
+
+    cases = [case.replace(b" /", b" /api/predict/svc/", 1) for case in CASES] + [
+        b"GET /api/predict/svc?q=1 HTTP/1.1\r\nHost: svc\r\n\r\n", b"GET /api/predict/nobody/x HTTP/1.1\r\nHost: svc\r\n\r\n"]
+    if token is not None:
+        cases = [case if b"uthorization" in case else case.replace(b"\r\n\r\n", b"\r\nAuthorization: Bearer tok\r\n\r\n", 1)
+                 for case in cases]
+
+    async def test(app, app_port):
+        seen = {}
+        for lane in (False, True):
+            gateway = Gateway(GatewayConfig())
+            entry = {"instances": [{"id": "a", "url": f"http://127.0.0.1:{app_port}"}], **({"token": token} if token else {})}
+            gateway.apply({"version": 1, "services": {"svc": entry}})
+            express = GatewayExpress(gateway) if lane else None
+            if express is not None:  # count what it takes
+                take, express.taken = express.take, 0
+
+                def counted(exchange, take=take, express=express):
+                    plan = take(exchange)
+                    express.taken += plan is not None
+                    return plan
+
+                express.take = counted
+            server = Server(gateway, express=express)
+            listener = await server.listen("127.0.0.1", 0)
+            port = listener.sockets[0].getsockname()[1]
+            warm = cases[0]
+            try:
+                await _ask(port, warm)
+                app.requests.clear()
+                answers = [await _ask(port, warm, case, pause=0.05) for case in cases]
+                seen[lane] = ([re.sub(rb"Date: [^\r]*\r\n", b"", answer) for answer in answers], [_parsed(r) for r in app.requests])
+                if lane:
+                    stats = gateway.service_stats()["services"]["svc"]
+                    assert stats["inflight"] == 0 and stats["requests_total"] == 2 * len(cases), stats  # (the warm-up, then two a case but "nobody")
+                    assert express.taken == 2 * len(cases)  # each but "nobody" (the warm-up's found no idle connection)
+            finally:
+                listener.close()
+                await server.shutdown(0.5)
+        assert seen[True][1] == seen[False][1]
+        assert seen[True][0] == seen[False][0]
+        assert [_parsed(r)[0] for r in app.requests[1::2]][:3] == [b"GET /plain?x=1&y=%20 HTTP/1.1", b"POST /v1/chat/completions HTTP/1.1",
+                                                                    b"POST /empty HTTP/1.1"]
+        assert all(dict(headers)[b"x-forwarded-for"] == b"127.0.0.1" for _, headers, _ in seen[True][1])  # a client's claim replaced
+
+    _run(test)
