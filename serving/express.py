@@ -157,10 +157,10 @@ class Exchange:
             elif name == b"authorization" and name not in drop:
                 continue
             block = block.replace(b"\n" + line + b"\n", b"\n")  # (each noted name once: no other line can match)
-        parts = [b"%s %s HTTP/1.1\r%sX-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n"
-                 % (self.method, target, block, prior + b", " + peer if prior else peer)]
+        parts = [self.method, b" ", target, b" HTTP/1.1\r", block, b"X-Forwarded-For: ", prior + b", " + peer if prior else peer,
+                 b"\r\nX-Forwarded-Proto: http\r\n"]
         if not forwarded_host:
-            parts.append(b"X-Forwarded-Host: %s\r\n" % self.host)
+            parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
         if extra:
             parts.append(extra)
         body = self.body
@@ -242,8 +242,8 @@ class Exchange:
             upstream.checker = httptools.HttpResponseParser(SILENT)  # type: ignore[union-attr]
         # The head as the chain writes it (end-to-end headers, then the length), less the
         # Connection line the client's side adds.
-        self.answer = answer = (status, end + 4, length, b"HTTP/1.1 %d %s\r%sContent-Length: %d\r\n"
-                                % (status, line.group(2) or REASONS.get(status, b"Unknown"), head, length))
+        first = data[:line.end() - 1] if line.end() - line.start(2) > 2 else b"HTTP/1.1 %d %s\r" % (status, REASONS.get(status, b"Unknown"))
+        self.answer = answer = (status, end + 4, length, b"".join((first, head, b"Content-Length: ", b"%d" % length, b"\r\n")))
         return answer
 
     def upstream_lost(self) -> None:

@@ -363,7 +363,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
             return
         self.deadline, self.deadline_for = self.loop.time() + self.limits.keepalive_timeout, _IDLE
-        self._replay()
+        if self._held or not self._reading:
+            self._replay()
 
     def express_escalated(self, exchange: Exchange, sent: asyncio.Future | None) -> None:
         """The lane hands its request to the handler, as the parser would have built it; `sent`:
