@@ -83,7 +83,6 @@ class Exchange:
         self.checker = httptools.HttpRequestParser(SILENT)
         self.upstream: _Connection | None = None
         self.ticket: object = None  # the lane's own note of the request, set by its take()
-        client.server.deadline_after(lane.timeout)  # the server's sweep runs often enough for the lane's deadlines
 
     def begin(self, data: bytes, max_url: int, max_header_size: int) -> bool:
         """Take `data`, one whole request, and send it upstream; False: the chain's (nothing sent, nothing counted)."""
@@ -141,10 +140,10 @@ class Exchange:
         upstream.write(request)
         return True
 
-    def forwarded(self, target: bytes, peer: bytes, drop: frozenset[bytes], extra: bytes = b"") -> bytes:
+    def forwarded(self, target: bytes, peer: bytes, drop: frozenset[bytes]) -> bytes:
         """The request as serving/proxy.py's `forwarded_headers` and the upstream pool would send
         it: Content-Length and `drop` cut, X-Forwarded-For gaining `peer`, X-Forwarded-Proto set,
-        X-Forwarded-Host added unless passed on, `extra` header lines, then the body."""
+        X-Forwarded-Host added unless passed on, then the body."""
         block = self.block
         prior = None
         forwarded_host = False
@@ -161,8 +160,6 @@ class Exchange:
                  b"\r\nX-Forwarded-Proto: http\r\n"]
         if not forwarded_host:
             parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
-        if extra:
-            parts.append(extra)
         body = self.body
         if body or self.method in _BODY_METHODS:
             parts.append(b"Content-Length: %d\r\n\r\n" % len(body))

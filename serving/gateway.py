@@ -209,7 +209,7 @@ class Gateway:
             return _json(404, f"no service or group named {name!r} on this gateway")
         trace.name = name
         token = group.token if group is not None else service.token
-        if token is not None and not _authorized(request, token):
+        if token is not None and not token_matches(request.header(b"authorization"), token):
             return _json(401, f"missing or wrong token for {name!r} in the Authorization header",
                          [(b"WWW-Authenticate", b"Bearer")])
         if request.has_body:
@@ -440,10 +440,6 @@ class _Collector:
         yield mirror
 
 
-def _authorized(request: Request, token: bytes) -> bool:
-    return token_matches(request.header(b"authorization"), token)
-
-
 def _name_and_path(target: str) -> tuple[str, str]:
     """`/api/predict/<name>[/<rest>][?query]` -> (name, "/<rest>[?query]")."""
     rest = target[len(PREFIX):]
@@ -483,19 +479,20 @@ class Express:
         return backend.pool, exchange.forwarded(path.encode(), exchange.client.peer.encode(), gateway._drop)
 
     def finish(self, exchange: Exchange, status: int) -> bool:
-        name, backend = exchange.ticket  # type: ignore[misc]
-        backend.inflight -= 1
-        stats = self.gateway.stats
-        stats.add(stats.inflight, name, -1)
-        stats.observe(name, name, backend.id, status, time.perf_counter() - exchange.started)
+        name, backend = self._leave(exchange)
+        self.gateway.stats.observe(name, name, backend.id, status, time.perf_counter() - exchange.started)
         return False
 
     def release(self, exchange: Exchange) -> None:
+        name, _ = self._leave(exchange)
+        self.gateway.stats.add(self.gateway.stats.requests_total, name, -1)  # the chain counts it
+
+    def _leave(self, exchange: Exchange) -> tuple[str, Backend]:
+        """Take the request out of its instance's and its service's in-flight counts."""
         name, backend = exchange.ticket  # type: ignore[misc]
         backend.inflight -= 1
-        stats = self.gateway.stats
-        stats.add(stats.inflight, name, -1)
-        stats.add(stats.requests_total, name, -1)
+        self.gateway.stats.add(self.gateway.stats.inflight, name, -1)
+        return name, backend
 
 
 def _json(status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None, *, close: bool = False) -> Response:

@@ -66,15 +66,6 @@ class Metrics:
         ttfb.counts[bisect_left(LATENCY_BUCKETS, first_byte_seconds)] += 1
         ttfb.sum += first_byte_seconds
 
-    def observe_whole(self, status: int, seconds: float) -> None:
-        """One request whose answer went out in one write: its first byte's time is its last's."""
-        self.by_status[status] = self.by_status.get(status, 0) + 1
-        bucket = bisect_left(LATENCY_BUCKETS, seconds)
-        self.latency.counts[bucket] += 1
-        self.latency.sum += seconds
-        self.ttfb.counts[bucket] += 1
-        self.ttfb.sum += seconds
-
     def record_phase(self, name: str, seconds: float) -> None:
         self.phase.labels(name).set(seconds)
 

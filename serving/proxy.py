@@ -320,8 +320,8 @@ FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-
 
 class Express:
     """The chain's express form (serving/express.py): what Drain, Timeout, Limits, Auth,
-    Measure and Forward do with a plain request when the service is READY; anything else,
-    and every request under a concurrency limit, goes through the chain."""
+    Measure and Forward do with a plain request when the service is READY; anything else goes
+    through the chain (every request, under a concurrency limit: `start_proxy` sets no lane)."""
 
     def __init__(self, state: BootState, config: ProxyConfig, metrics: Metrics, pool: UpstreamPool) -> None:
         self.state, self.config, self.metrics, self.pool = state, config, metrics, pool
@@ -332,7 +332,7 @@ class Express:
 
     def take(self, exchange: Exchange) -> tuple[UpstreamPool, bytes] | None:
         state = self.state
-        if state.state is not READY or self.config.concurrency > 0:
+        if state.state is not READY:
             return None
         if exchange.content_length is not None and exchange.content_length > self.config.max_body:
             return None  # Limits answers 413
@@ -343,7 +343,8 @@ class Express:
 
     def finish(self, exchange: Exchange, status: int) -> bool:
         self.state.inflight.add(-1)
-        self.metrics.observe_whole(status, time.perf_counter() - exchange.started)
+        seconds = time.perf_counter() - exchange.started
+        self.metrics.observe(status, seconds, seconds)  # its first byte went with its last
         return self.state.state is DRAINING  # as Drain: keep-alive clients move on
 
     def release(self, exchange: Exchange) -> None:
@@ -362,8 +363,8 @@ def build_chain(state: BootState, config: ProxyConfig, metrics: Metrics, pool: U
 async def start_proxy(state: BootState, config: ProxyConfig, metrics: Metrics, pool: UpstreamPool, host: str, port: int
                       ) -> tuple[Server, asyncio.AbstractServer]:
     """`berth boot`'s data path on `host:port`: the chain, and its express form for plain requests."""
-    return await start_server(build_chain(state, config, metrics, pool), host, port, config.server_limits, metrics,
-                              Express(state, config, metrics, pool))
+    express = Express(state, config, metrics, pool) if config.concurrency == 0 else None  # Limits' queue is the chain's
+    return await start_server(build_chain(state, config, metrics, pool), host, port, config.server_limits, metrics, express)
 
 
 def upstream_pool(config: ProxyConfig) -> UpstreamPool:

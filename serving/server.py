@@ -92,6 +92,8 @@ class Server:
         self._loop = loop = asyncio.get_running_loop()
         listener = await loop.create_server(lambda: Connection(self), host, port, reuse_address=True, backlog=1024)
         self._sweeper = loop.call_later(self._tick, self._sweep)
+        if self.express is not None:
+            self.deadline_after(self.express.timeout)  # the sweep runs often enough for the lane's deadlines
         return listener
 
     def deadline_after(self, seconds: float) -> float:

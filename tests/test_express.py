@@ -64,13 +64,17 @@ class App:
             writer.close()
 
 
-class CountingExpress(Express):
-    taken = 0
+def _counting(lane):
+    """`lane`, counting in `lane.taken` the requests its take() accepts."""
+    take, lane.taken = lane.take, 0
 
-    def take(self, exchange):
-        plan = super().take(exchange)
-        self.taken += plan is not None
+    def counted(exchange):
+        plan = take(exchange)
+        lane.taken += plan is not None
         return plan
+
+    lane.take = counted
+    return lane
 
 
 async def _proxy(app_port: int, *, lane: bool, state: State = State.READY, **config):
@@ -79,7 +83,7 @@ async def _proxy(app_port: int, *, lane: bool, state: State = State.READY, **con
     proxy = ProxyConfig(upstream_port=app_port, **config)
     metrics = Metrics(boot)
     pool = upstream_pool(proxy)
-    express = CountingExpress(boot, proxy, metrics, pool) if lane else None
+    express = _counting(Express(boot, proxy, metrics, pool)) if lane else None
     server, listener = await start_server(build_chain(boot, proxy, metrics, pool), "127.0.0.1", 0, proxy.server_limits, metrics, express)
     return server, listener, listener.sockets[0].getsockname()[1], express, metrics, boot
 
@@ -286,16 +290,7 @@ def test_the_gateways_lane_sends_and_answers_what_its_chain_does(token):
             gateway = Gateway(GatewayConfig())
             entry = {"instances": [{"id": "a", "url": f"http://127.0.0.1:{app_port}"}], **({"token": token} if token else {})}
             gateway.apply({"version": 1, "services": {"svc": entry}})
-            express = GatewayExpress(gateway) if lane else None
-            if express is not None:  # count what it takes
-                take, express.taken = express.take, 0
-
-                def counted(exchange, take=take, express=express):
-                    plan = take(exchange)
-                    express.taken += plan is not None
-                    return plan
-
-                express.take = counted
+            express = _counting(GatewayExpress(gateway)) if lane else None
             server = Server(gateway, express=express)
             listener = await server.listen("127.0.0.1", 0)
             port = listener.sockets[0].getsockname()[1]
