@@ -16,7 +16,8 @@ nginx (1 worker, as berth is one process) proxies to the same upstream with keep
   beside it, each in front of the same upstream with berth's upstream pool and no handler
   chain: a bare httptools protocol, granian's embedded server (RSGI; a row only when the
   `granian` package imports), and, as ceilings without proxying, aiohttp's server and
-  berth's own server (serving/server.py) answering a constant.
+  berth's own server (serving/server.py) answering a constant. A second berth boot with
+  BERTH_NO_EXTENSIONS=1 shows what the express lane's C scans bring.
 - SSE: the suite's test app streams events 20 ms apart; time to first chunk and the mean gap
   between chunks as the client sees them, proxied vs direct.
 - Proxy CPU per 1000 requests, from the proxy process's CPU time over the fixed-rate runs.
@@ -233,11 +234,8 @@ def main() -> None:
     try:
         # The SSE app runs as a second berth boot's child: boot serves only a port its own child holds.
         sse_proxy, sse_admin = free_port(), free_port()
-        sse_boot = subprocess.Popen(
-            [sys.executable, "-m", "bootstrap.cli", "boot", "--port", str(sse), "--proxy-port", str(sse_proxy),
-             "--admin-port", str(sse_admin), "--drain-delay", "0", "--", sys.executable, "-m", "tests.apps.slowapp", "--port", str(sse)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(prefix / "boot-sse.log", "wb"),
-        )
+        sse_boot = start_boot(sse, sse_proxy, sse_admin, [sys.executable, "-m", "tests.apps.slowapp", "--port", str(sse)],
+                              prefix / "boot-sse.log")
         processes.append(sse_boot)
         candidates = {"httptools protocol + berth's pool (no chain)": (LEAN_PROXY, lean),
                       "granian embedded (RSGI) + berth's pool (no chain)": (GRANIAN_PROXY, granian),
@@ -255,16 +253,21 @@ def main() -> None:
         processes.append(nginx_proxy)
         upstream_conf = nginx_config(prefix, "upstream", UPSTREAM_BODY.format(port=upstream))
         # berth boot runs the upstream nginx as its child, as it would run a service.
-        boot = subprocess.Popen(
-            [sys.executable, "-m", "bootstrap.cli", "boot", "--port", str(upstream), "--proxy-port", str(proxy_port),
-             "--admin-port", str(admin_port), "--drain-delay", "0", "--", "nginx", "-p", str(prefix), "-c", str(upstream_conf)],
-            cwd=REPO, stderr=open(prefix / "boot.log", "wb"),
-        )
+        boot = start_boot(upstream, proxy_port, admin_port, ["nginx", "-p", str(prefix), "-c", str(upstream_conf)], prefix / "boot.log")
         processes.append(boot)
+        # The same boot with the express lane's scans in Python, in front of its own copy of the
+        # upstream (boot serves only a port its own child holds): what the C scans bring.
+        py_upstream, py_proxy, py_admin = free_port(), free_port(), free_port()
+        py_conf = nginx_config(prefix, "upstream-py", UPSTREAM_BODY.format(port=py_upstream))
+        py_boot = start_boot(py_upstream, py_proxy, py_admin, ["nginx", "-p", str(prefix), "-c", str(py_conf)],
+                             prefix / "boot-py.log", {"BERTH_NO_EXTENSIONS": "1"})
+        processes.append(py_boot)
+        ceilings["berth, express lane scans in Python (BERTH_NO_EXTENSIONS=1)"] = (py_proxy, py_boot.pid)
         for port in (upstream, sse, nginx_port, proxy_port, *(port for port, _ in ceilings.values())):
             wait_port(port)
         wait_ready(admin_port, boot, prefix / "boot.log")
         wait_ready(sse_admin, sse_boot, prefix / "boot-sse.log")
+        wait_ready(py_admin, py_boot, prefix / "boot-py.log")
         nginx_worker = psutil.Process(nginx_proxy.pid).children()[0].pid
         targets = {"direct": (upstream, None), "nginx": (nginx_port, nginx_worker), "berth": (proxy_port, boot.pid)}
         report = run(targets, args, (sse, sse_proxy), ceilings)
@@ -347,6 +350,16 @@ def sse_section(sse_port: int, berth_port: int, nginx_port: int) -> str:
 
 def progress(step: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {step}", file=sys.stderr, flush=True)
+
+
+def start_boot(app_port: int, proxy_port: int, admin_port: int, command: list[str], log: Path,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+    """berth boot running `command` as its child, its log in `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bootstrap.cli", "boot", "--port", str(app_port), "--proxy-port", str(proxy_port),
+         "--admin-port", str(admin_port), "--drain-delay", "0", "--", *command],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env={**os.environ, **(env or {})},
+    )
 
 
 def wait_ready(admin_port: int, boot: subprocess.Popen, log: Path) -> None:

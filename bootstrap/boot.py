@@ -30,6 +30,7 @@ from serving.admin import AppMetrics, admin_app, start_admin
 from serving.engine import Engine
 from serving import timeouts
 from serving.metrics import Metrics
+from serving.express import SCANS
 from serving.proxy import ProxyConfig, start_proxy, upstream_pool
 from serving.state import BootState, State
 
@@ -404,7 +405,8 @@ class Boot:
             self._closers.insert(0, close_proxy)
         log.info(
             "admin on :%d%s; the child's port is %d",
-            config.admin_port, f", proxy on :{config.proxy_port}" if config.proxy else " (no proxy)", config.app_port,
+            config.admin_port, f", proxy on :{config.proxy_port} (express lane scans in {SCANS})" if config.proxy else " (no proxy)",
+            config.app_port,
         )
 
     async def _close(self) -> None:

@@ -32,7 +32,7 @@ pip_quiet() {
 # $1: pip extras, e.g. "agent,test"
 make_venv() {
   local extras="$1" started=$SECONDS
-  local stamp="$VENV/.berth-installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-12)-${extras//,/_}"
+  local stamp="$VENV/.berth-installed-$(cat "$ROOT/pyproject.toml" "$ROOT/serving/_express.c" | sha256sum | cut -c1-12)-${extras//,/_}"
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating the virtualenv $VENV"
     python3 -m venv "$VENV"

@@ -21,13 +21,13 @@ answers come back.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from serving.http import REASONS
 from serving.upstream import BODY_METHODS, IDEMPOTENT
 
 if TYPE_CHECKING:
@@ -86,44 +86,15 @@ class Exchange:
 
     def begin(self, data: bytes, max_url: int, max_header_size: int) -> bool:
         """Take `data`, one whole request, and send it upstream; False: the chain's (nothing sent, nothing counted)."""
-        line = REQUEST_LINE.match(data)
-        if line is None:
+        scanned = scan_request(data, max_url, max_header_size)
+        if scanned is None:
             return False
-        start = line.end()
-        end = data.find(b"\r\n\r\n", start - 2)
-        target = line.group(2)
-        if end < 0 or len(target) > max_url or end - start > max_header_size:
-            return False  # the chain answers 414 and 431
-        block = data[start - 1:end + 2]  # "\n" + the header lines
-        body = data[end + 4:]
-        host = length = authorization = None
-        noted = []
-        for found in REQUEST_NOTED.findall(block):
-            name = found[1].lower()
-            value = found[2].rstrip(b" \t")
-            if name == b"host":
-                if host is not None:
-                    return False  # two: the chain refuses them
-                host = value
-            elif name not in _FORWARDING or any(name == other[1] for other in noted):
-                return False
-            else:
-                noted.append((found[0], name, value))
-                if name == b"content-length":
-                    if not value.isdigit():
-                        return False
-                    length = int(value)
-                elif name == b"authorization":
-                    authorization = value
-        if host is None or len(body) != (length or 0):
-            return False  # no Host (400), or a body not all here, or a pipelined request after it
         try:
             self.checker.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             self.checker = httptools.HttpRequestParser(SILENT)  # an error stops a parser
             return False
-        self.method, self.target, self.block, self.body = line.group(1), target, block, body
-        self.content_length, self.host, self.authorization, self.noted = length, host, authorization, noted
+        self.method, self.target, self.block, self.body, self.content_length, self.host, self.authorization, self.noted = scanned
         self.received = self.answer = None
         self.started = time.perf_counter()
         plan = self.lane.take(self)
@@ -208,39 +179,19 @@ class Exchange:
         self.client.express_answered(head, data[start:], close)
 
     def _read_answer(self, data: bytes) -> tuple[int, int, int, bytes] | None:
-        line = STATUS_LINE.match(data)
-        end = data.find(b"\r\n\r\n")
-        if line is None or end < 0:
-            if end >= 0 or len(data) > 8192 or (line is None and not b"HTTP/1.1 ".startswith(data[:9])):
-                self.escalate(data)  # a head the chain's parser reads (or refuses)
+        answer = read_answer(data)
+        if answer.__class__ is int:
+            if answer:
+                self.escalate(data)  # a head the chain's parser reads (or refuses), or an answer it streams
             elif self.received is None:
                 self.received = bytearray(data)  # the head is still coming
             return None
-        status = int(line.group(1))
-        head = data[line.end() - 1:end + 2]  # "\n" + the header lines
-        length = None
-        keep_alive = True
-        for whole, name, value in RESPONSE_NOTED.findall(head):
-            name, value = name.lower(), value.rstrip(b" \t")
-            if name == b"content-length" and length is None and value.isdigit():
-                length = int(value)
-            elif name == b"connection" and value.lower() in (b"keep-alive", b"close"):
-                keep_alive = value.lower() == b"keep-alive"
-            elif name != b"keep-alive":
-                length = None  # framing or hop-by-hop headers the chain handles
-                break
-            head = head.replace(b"\n" + whole + b"\n", b"\n")
-        if length is None or length > SMALL_ANSWER or status in _CHAIN_STATUSES:
-            self.escalate(data)  # streamed, unsized, bodiless by status or a refusal: the chain's
-            return None
+        status, start, length, head, keep_alive = answer
         upstream = self.upstream
         upstream.keep_alive = keep_alive  # type: ignore[union-attr]
         if upstream.checker is None:  # type: ignore[union-attr]
             upstream.checker = httptools.HttpResponseParser(SILENT)  # type: ignore[union-attr]
-        # The head as the chain writes it (end-to-end headers, then the length), less the
-        # Connection line the client's side adds.
-        first = data[:line.end() - 1] if line.end() - line.start(2) > 2 else b"HTTP/1.1 %d %s\r" % (status, REASONS.get(status, b"Unknown"))
-        self.answer = answer = (status, end + 4, length, b"".join((first, head, b"Content-Length: ", b"%d" % length, b"\r\n")))
+        self.answer = answer = (status, start, length, head)
         return answer
 
     def upstream_lost(self) -> None:
@@ -274,3 +225,85 @@ class Exchange:
         self.lane.release(self)
         sent = upstream.resume(received or b"") if upstream is not None else None
         self.client.express_escalated(self, sent)
+
+
+def scan_request(data: bytes, max_url: int, max_header_size: int
+                 ) -> tuple[bytes, bytes, bytes, bytes, int | None, bytes, bytes | None, list[tuple[bytes, bytes, bytes]]] | None:
+    """A whole plain request's parts: (method, target, "\n" + its header lines, body, Content-Length,
+    Host, Authorization, the forwarding lines as (line, lower-case name, value)); None: the chain's."""
+    line = REQUEST_LINE.match(data)
+    if line is None:
+        return None
+    start = line.end()
+    end = data.find(b"\r\n\r\n", start - 2)
+    target = line.group(2)
+    if end < 0 or len(target) > max_url or end - start > max_header_size:
+        return None  # the chain answers 414 and 431
+    block = data[start - 1:end + 2]  # "\n" + the header lines
+    body = data[end + 4:]
+    host = length = authorization = None
+    noted: list[tuple[bytes, bytes, bytes]] = []
+    for found in REQUEST_NOTED.findall(block):
+        name = found[1].lower()
+        value = found[2].rstrip(b" \t")
+        if name == b"host":
+            if host is not None:
+                return None  # two: the chain refuses them
+            host = value
+        elif name not in _FORWARDING or any(name == other[1] for other in noted):
+            return None
+        else:
+            noted.append((found[0], name, value))
+            if name == b"content-length":
+                if not value.isdigit():
+                    return None
+                length = int(value)
+            elif name == b"authorization":
+                authorization = value
+    if host is None or len(body) != (length or 0):
+        return None  # no Host (400), or a body not all here, or a pipelined request after it
+    return line.group(1), target, block, body, length, host, authorization, noted
+
+
+def read_answer(data: bytes) -> tuple[int, int, int, bytes, bool] | int:
+    """An answer's (status, where its body starts, Content-Length, its head as the chain writes
+    it less the Connection line, keep-alive); 0: its head is still coming; 1: the chain's."""
+    line = STATUS_LINE.match(data)
+    end = data.find(b"\r\n\r\n")
+    if line is None or end < 0:
+        if end >= 0 or len(data) > 8192 or (line is None and not b"HTTP/1.1 ".startswith(data[:9])):
+            return 1  # a head the chain's parser reads (or refuses)
+        return 0
+    if line.end() - line.start(2) == 2:
+        return 1  # no reason phrase: the chain writes the standard one
+    status = int(line.group(1))
+    if status in _CHAIN_STATUSES:
+        return 1
+    head = data[line.end() - 1:end + 2]  # "\n" + the header lines
+    length = None
+    keep_alive = True
+    for whole, name, value in RESPONSE_NOTED.findall(head):
+        name, value = name.lower(), value.rstrip(b" \t")
+        if name == b"content-length" and length is None and value.isdigit():
+            length = int(value)
+        elif name == b"connection" and value.lower() in (b"keep-alive", b"close"):
+            keep_alive = value.lower() == b"keep-alive"
+        elif name != b"keep-alive":
+            return 1  # framing or hop-by-hop headers the chain handles
+        head = head.replace(b"\n" + whole + b"\n", b"\n")
+    if length is None or length > SMALL_ANSWER:
+        return 1  # streamed, unsized or large: the chain's
+    # The head as the chain writes it (end-to-end headers, then the length), less the
+    # Connection line the client's side adds.
+    return status, end + 4, length, b"".join((data[:line.end() - 1], head, b"Content-Length: %d\r\n" % length)), keep_alive
+
+
+PYTHON_SCANS = scan_request, read_answer  # the fallback, and what tests/test_express_scans.py holds the C to
+# Which form runs, for the start-up logs of berth boot and the gateway.
+SCANS = "Python (BERTH_NO_EXTENSIONS is set)"
+if not os.environ.get("BERTH_NO_EXTENSIONS"):
+    try:  # the same two scans in C (serving/_express.c), where a compiler built them at install
+        from serving._express import read_answer, scan_request  # type: ignore[no-redef]  # noqa: F811
+        SCANS = "C"
+    except ImportError:
+        SCANS = "Python (serving._express was not built: no C compiler when berth was installed)"

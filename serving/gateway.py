@@ -35,7 +35,7 @@ from agent.gateway_process import ADDRESSES, PIDFILE
 from bootstrap.jsonfile import read_json_object
 from serving.http import Request, Response
 from serving.metrics import LoopHistogram
-from serving.express import Exchange
+from serving.express import SCANS, Exchange
 from serving.proxy import FORWARDING, REQUEST_HOP_BY_HOP, forwarded_headers, relay, token_matches
 from serving.routing import Backend, Hold, RouteTable, Service, TableError, choose, parse_table, pick, redacted, waiting_requests
 from serving.server import Server, ServerLimits
@@ -614,8 +614,9 @@ async def serve(config: GatewayConfig, ready: Callable[[str, str], None] | None 
     admin_listener = await admin.listen(*config.admin)
     url = _address(listener)
     admin_url = _address(admin_listener)
-    log.info("gateway on %s (admin %s); routes from %s", url, admin_url,
-             config.routes_file or config.agent_url or "nowhere (no --agent or --routes-file)")
+    log.info("gateway on %s (admin %s); routes from %s; express lane %s", url, admin_url,
+             config.routes_file or config.agent_url or "nowhere (no --agent or --routes-file)",
+             f"scans in {SCANS}" if server.express is not None else "off (--access-log)")
     tasks = [asyncio.create_task(gateway.poll_vllm())]
     if config.routes_file is not None:
         tasks.append(asyncio.create_task(follow_file(gateway, config.routes_file)))

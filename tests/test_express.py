@@ -11,9 +11,32 @@ import time
 
 import pytest
 
+from serving import express as lane_module
+from serving.express import PYTHON_SCANS
 from serving.metrics import Metrics
 from serving.proxy import Express, ProxyConfig, build_chain, start_server, upstream_pool
 from serving.state import BootState, State
+from tests.harness.parts import unavailable
+
+
+
+def compiled_scans():
+    try:
+        from serving import _express
+    except ImportError as exc:
+        unavailable("serving._express (the lane's scans in C, built by pip install where gcc is)", str(exc))
+    return _express.scan_request, _express.read_answer
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def scans(request, monkeypatch):
+    """Every test here runs on both forms of the lane's scans: C (serving/_express.c) and the
+    Python fallback (serving/express.py)."""
+    chosen = compiled_scans() if request.param == "c" else PYTHON_SCANS
+    monkeypatch.setattr(lane_module, "scan_request", chosen[0])
+    monkeypatch.setattr(lane_module, "read_answer", chosen[1])
+    return chosen
+
 
 PLAIN = b"HTTP/1.1 200 OK\r\nServer: t\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
 BIG = b"y" * 100_000
@@ -314,3 +337,4 @@ def test_the_gateways_lane_sends_and_answers_what_its_chain_does(token):
         assert all(dict(headers)[b"x-forwarded-for"] == b"127.0.0.1" for _, headers, _ in seen[True][1])  # a client's claim replaced
 
     _run(test)
+
