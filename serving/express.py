@@ -5,9 +5,10 @@ in one read, nothing hop-by-hop, and a small answer with a Content-Length. For t
 handler chain (coroutines, a Request object, a parser callback per header, futures between
 the two sides) costs more than the bytes themselves. The lane takes such a request in one
 synchronous step: llhttp checks the whole message with no callback into Python (what the
-lane passes on, the server's strict parser accepts), one regular expression finds the few
-headers that matter (Host, Content-Length, Authorization, X-Forwarded-*, and any that send
-the request to the chain), the assembly's lane (serving/proxy.py's `Express` for `berth
+lane passes on, the server's strict parser accepts), one scan finds the few headers that
+matter (Host, Content-Length, Authorization, X-Forwarded-*, and any that send the request
+to the chain; `scan_request` and `read_answer` below, in C from serving/_express.c where it
+was built), the assembly's lane (serving/proxy.py's `Express` for `berth
 boot`) decides and rewrites it, and it goes to an idle pooled connection as one write. The
 answer is checked the same way and goes back as one write. Header lines pass as written.
 
