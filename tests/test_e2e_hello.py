@@ -93,3 +93,11 @@ def test_cold_start_breakdown_in_berth_get_and_the_bootstraps_status(hello, s3_s
     table = agent.cli("get", name)
     assert f"{instance['id']} cold start: pull " in table.stdout and "pip " in table.stdout
     assert s3_server.secret_key not in got.stdout + table.stdout
+
+
+def test_the_image_runs_the_express_lanes_scans_in_c(hello):
+    """images/python-inference builds on a base with no C compiler: images/install-berth borrows
+    one for the build, so berth boot's proxy runs the C scans (its start line says which)."""
+    agent, service, _ = hello
+    logs = agent.cli("logs", service["name"]).stdout
+    assert "express lane scans in C)" in logs, logs[-3000:]

@@ -96,7 +96,8 @@ def _tree_hash(paths: list[Path]) -> bytes:
     return digest.digest()
 
 
-BERTH_SOURCES = [REPO / "pyproject.toml", REPO / "README.md", REPO / "agent", REPO / "bootstrap", REPO / "serving"]
+BERTH_SOURCES = [REPO / "pyproject.toml", REPO / "README.md", REPO / "agent", REPO / "bootstrap", REPO / "serving",
+                 REPO / "images/install-berth"]
 
 
 def build_image(client: docker.DockerClient, dockerfile: str, name: str, buildargs: dict[str, str]) -> str:
