@@ -15,25 +15,37 @@
 
 static unsigned char lower(unsigned char c) { return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c; }
 
-/* `n` bytes at `p` (within `end`) equal the lower-case `s`, ASCII case folded, and a ':' follows. */
-static int name_is(const unsigned char *p, const unsigned char *end, const char *s, Py_ssize_t n) {
-    if (end - p <= n || p[n] != ':')
-        return 0;
+/* The `n` bytes at `p` equal the lower-case `s`, ASCII case folded. */
+static int folded_equal(const unsigned char *p, const char *s, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++)
         if (lower(p[i]) != (unsigned char)s[i])
             return 0;
     return 1;
 }
 
+/* At `p` (within `end`) the header name `s` (lower case), then ':'. */
+static int name_is(const unsigned char *p, const unsigned char *end, const char *s, Py_ssize_t n) {
+    return end - p > n && p[n] == ':' && folded_equal(p, s, n);
+}
+
+/* The value from `p` to `end` is `s` (lower case), ASCII case folded. */
+static int value_is(const unsigned char *p, const unsigned char *end, const char *s) {
+    Py_ssize_t n = (Py_ssize_t)strlen(s);
+    return end - p == n && folded_equal(p, s, n);
+}
+
 enum { NONE, HOST, CONTENT_LENGTH, AUTHORIZATION, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, CONNECTION, KEEP_ALIVE, OTHER };
 
+/* A noted header line: its name (just after a "\n"), its colon, its value (blanks around it
+   cut, as the patterns and rstrip do) and the '\r' that ends it. */
+struct noted {
+    const unsigned char *name, *colon, *value, *value_end, *cr;
+};
+
 /* A noted header line as the Python patterns find one: at `p` (just after a "\n") a noted name
-   and ':', blanks, then a value up to the next '\r'. Returns its kind (NONE: no match) and sets
-   the colon, the value's bounds (trailing blanks cut, as rstrip) and the '\r'. `response`: the
-   answer's names, else the request's. */
-static int noted_line(const unsigned char *p, const unsigned char *end, int response,
-                      const unsigned char **colon, const unsigned char **value, const unsigned char **value_end,
-                      const unsigned char **cr) {
+   and ':', blanks, then a value up to the next '\r'. Returns its kind (NONE: no match) and fills
+   `line`. `response`: the answer's names, else the request's. */
+static int noted_line(const unsigned char *p, const unsigned char *end, int response, struct noted *line) {
     int kind = NONE;
     const unsigned char *c = NULL;
 #define TRY(literal, k) if (kind == NONE && name_is(p, end, literal, sizeof(literal) - 1)) { kind = k; c = p + sizeof(literal) - 1; }
@@ -44,8 +56,7 @@ static int noted_line(const unsigned char *p, const unsigned char *end, int resp
     TRY("content-length", CONTENT_LENGTH) TRY("connection", CONNECTION) TRY("keep-alive", KEEP_ALIVE)
     TRY("te", OTHER) TRY("trailer", OTHER) TRY("trailers", OTHER) TRY("transfer-encoding", OTHER) TRY("upgrade", OTHER)
 #undef TRY
-    if (kind == NONE && end - p > 6 && lower(p[0]) == 'p' && lower(p[1]) == 'r' && lower(p[2]) == 'o' && lower(p[3]) == 'x'
-        && lower(p[4]) == 'y' && p[5] == '-') {
+    if (kind == NONE && end - p > 6 && folded_equal(p, "proxy-", 6)) {
         c = memchr(p + 6, ':', (size_t)(end - p - 6)); /* "proxy-[^:]*:", as the pattern: to the first ':' */
         if (c != NULL)
             kind = OTHER;
@@ -61,22 +72,27 @@ static int noted_line(const unsigned char *p, const unsigned char *end, int resp
     const unsigned char *ve = r;
     while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
         ve--;
-    *colon = c, *value = v, *value_end = ve, *cr = r;
+    line->name = p, line->colon = c, line->value = v, line->value_end = ve, line->cr = r;
     return kind;
 }
 
-/* ASCII digits only (bytes.isdigit), at least one; -1: not, or too many to be a body here. */
-/* The value is `s` (lower case), ASCII case folded. */
-static int value_is(const unsigned char *p, const unsigned char *end, const char *s) {
-    Py_ssize_t n = (Py_ssize_t)strlen(s);
-    if (end - p != n)
-        return 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (lower(p[i]) != (unsigned char)s[i])
-            return 0;
-    return 1;
+/* The next noted line after `*at` within `end`, trying a match after each "\n" in turn as
+   `findall` does, and `*at` moved past it; NONE: no more. */
+static int next_noted(const unsigned char **at, const unsigned char *end, int response, struct noted *line) {
+    for (;;) {
+        const unsigned char *newline = memchr(*at, '\n', (size_t)(end - *at));
+        if (newline == NULL)
+            return NONE;
+        int kind = noted_line(newline + 1, end, response, line);
+        if (kind != NONE) {
+            *at = line->cr + 1;
+            return kind;
+        }
+        *at = newline + 1;
+    }
 }
 
+/* ASCII digits only (bytes.isdigit), at least one; -1: not, or too many to be a body here. */
 static long long digits(const unsigned char *p, const unsigned char *end) {
     if (p == end || end - p > 18)
         return -1;
@@ -161,36 +177,29 @@ static PyObject *scan_request(PyObject *Py_UNUSED(module), PyObject *const *args
     if (noted == NULL)
         return NULL;
     const unsigned char *at = block;
-    while (at < block_end) {
-        const unsigned char *newline = memchr(at, '\n', (size_t)(block_end - at));
-        if (newline == NULL)
-            break;
-        const unsigned char *name = newline + 1, *colon, *value, *value_end, *cr;
-        int kind = noted_line(name, block_end, 0, &colon, &value, &value_end, &cr);
-        if (kind == NONE) {
-            at = name;
-            continue;
-        }
-        at = cr + 1;
+    struct noted line;
+    int kind;
+    while ((kind = next_noted(&at, block_end, 0, &line)) != NONE) {
         if (kind == HOST) {
             if (host != NULL)
                 goto decline; /* two: the chain refuses them */
-            host = value, host_end = value_end;
+            host = line.value, host_end = line.value_end;
             continue;
         }
         if (kind == CONNECTION || kind == KEEP_ALIVE || kind == OTHER || (seen & (1 << kind)))
             goto decline; /* hop-by-hop, Expect, Upgrade or a repeated one: the chain's */
         seen |= 1 << kind;
         if (kind == CONTENT_LENGTH) {
-            length = digits(value, value_end);
+            length = digits(line.value, line.value_end);
             if (length < 0)
                 goto decline;
         } else if (kind == AUTHORIZATION) {
-            authorization = value, authorization_end = value_end;
+            authorization = line.value, authorization_end = line.value_end;
         }
-        PyObject *line = bytes_of(name, cr + 1), *lower_name = lowered(name, colon), *value_bytes = bytes_of(value, value_end);
-        PyObject *entry = (line && lower_name && value_bytes) ? PyTuple_Pack(3, line, lower_name, value_bytes) : NULL;
-        Py_XDECREF(line), Py_XDECREF(lower_name), Py_XDECREF(value_bytes);
+        PyObject *whole = bytes_of(line.name, line.cr + 1), *lower_name = lowered(line.name, line.colon),
+                 *value = bytes_of(line.value, line.value_end);
+        PyObject *entry = (whole && lower_name && value) ? PyTuple_Pack(3, whole, lower_name, value) : NULL;
+        Py_XDECREF(whole), Py_XDECREF(lower_name), Py_XDECREF(value);
         if (entry == NULL || PyList_Append(noted, entry) < 0) {
             Py_XDECREF(entry);
             Py_DECREF(noted);
@@ -261,28 +270,24 @@ static PyObject *read_answer(PyObject *Py_UNUSED(module), PyObject *data_object)
     Py_ssize_t written = (line_end - 1) - data; /* the status line, less its "\n" (the head begins with it) */
     memcpy(out, data, (size_t)written);
     const unsigned char *copied = head, *at = head;
-    while (at < head_end) {
-        const unsigned char *newline = memchr(at, '\n', (size_t)(head_end - at));
-        if (newline == NULL)
-            break;
-        const unsigned char *colon, *value, *value_end, *cr;
-        int kind = noted_line(newline + 1, head_end, 1, &colon, &value, &value_end, &cr);
-        if (kind == NONE) {
-            at = newline + 1;
-            continue;
-        }
-        at = cr + 1;
-        if (kind == CONTENT_LENGTH && length < 0 && (length = digits(value, value_end)) >= 0) {
-        } else if (kind == CONNECTION && (value_is(value, value_end, "keep-alive") || value_is(value, value_end, "close"))) {
-            keep_alive = value_is(value, value_end, "keep-alive");
-        } else if (kind != KEEP_ALIVE) {
+    struct noted line;
+    int kind;
+    while ((kind = next_noted(&at, head_end, 1, &line)) != NONE) {
+        int taken; /* a line the lane reads and cuts: one Content-Length of digits, Connection: keep-alive or close, Keep-Alive */
+        if (kind == CONTENT_LENGTH)
+            taken = length < 0 && (length = digits(line.value, line.value_end)) >= 0;
+        else if (kind == CONNECTION)
+            taken = (keep_alive = value_is(line.value, line.value_end, "keep-alive")) || value_is(line.value, line.value_end, "close");
+        else
+            taken = kind == KEEP_ALIVE;
+        if (!taken) {
             result = PyLong_FromLong(1); /* framing or hop-by-hop headers the chain handles */
             goto done;
         }
         /* Cut the line ("\n" + it + "\n" becomes "\n"), when a "\n" ends it, as bytes.replace does. */
         if (at < head_end && *at == '\n') {
-            memcpy(out + written, copied, (size_t)(newline + 1 - copied));
-            written += newline + 1 - copied;
+            memcpy(out + written, copied, (size_t)(line.name - copied));
+            written += line.name - copied;
             copied = at + 1;
         }
     }

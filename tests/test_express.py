@@ -19,8 +19,8 @@ from serving.state import BootState, State
 from tests.harness.parts import unavailable
 
 
-
 def compiled_scans():
+    """The C scans (serving/_express.c): missing is a failure in CI, a skip elsewhere."""
     try:
         from serving import _express
     except ImportError as exc:
@@ -337,4 +337,3 @@ def test_the_gateways_lane_sends_and_answers_what_its_chain_does(token):
         assert all(dict(headers)[b"x-forwarded-for"] == b"127.0.0.1" for _, headers, _ in seen[True][1])  # a client's claim replaced
 
     _run(test)
-
